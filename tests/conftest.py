@@ -1,0 +1,40 @@
+"""Test setup: 8 simulated CPU devices (set before jax is imported) and the shared data paths."""
+
+import os
+import sys
+
+os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+# The shared data sits beside the checkout; the variables override where it is.
+for _variable, _folder in [('UNET_JAX_ISBI_DIR', 'isbi2012'),
+                           ('UNET_JAX_NUCLEI_DIR', 'dsb2018_stardist_sample')]:
+  _default = os.path.join(ROOT, '..', 'shared', 'data', _folder)
+  if _variable not in os.environ and os.path.isdir(_default):
+    os.environ[_variable] = os.path.abspath(_default)
+
+import pytest  # pylint: disable=g-import-not-at-top
+
+
+def _shared_dir(variable: str) -> str:
+  path = os.environ.get(variable)
+  if not path:
+    if os.environ.get('CI'):
+      pytest.fail(f'{variable} is not set; .ci/run must point it at ../shared/data')
+    pytest.skip(f'{variable} is not set')
+  if not os.path.isdir(path):
+    pytest.fail(f'{variable}={path} is not a directory')
+  return path
+
+
+@pytest.fixture
+def isbi_dir() -> str:
+  """The real ISBI 2012 stacks (../shared/data/isbi2012, set by .ci/run)."""
+  return _shared_dir('UNET_JAX_ISBI_DIR')
+
+
+@pytest.fixture
+def nuclei_dir() -> str:
+  """The real DSB2018 nuclei sample (../shared/data/dsb2018_stardist_sample)."""
+  return _shared_dir('UNET_JAX_NUCLEI_DIR')

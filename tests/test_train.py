@@ -1,0 +1,221 @@
+"""Train/eval steps: sharded = single device, checkpoints round-trip, runs resume exactly."""
+
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import quickstart
+from unet_jax import checkpointing
+from unet_jax import input_pipeline
+from unet_jax import losses
+from unet_jax import metric_writers
+from unet_jax import metrics as metrics_lib
+from unet_jax import optimizers
+from unet_jax import sharding
+from unet_jax import train
+from unet_jax.models import build_model
+
+
+def _smoke_config(**overrides):
+  config = quickstart.get_config('smoke')
+  config.update(overrides)
+  return config
+
+
+def _setup(config, mesh):
+  model = build_model(config.model, num_classes=2)
+  tx, schedule = optimizers.make_optimizer(config.optimizer, num_steps=config.num_steps)
+  init = functools.partial(train.init_state, model=model, tx=tx, input_shape=(1, 32, 32, 1))
+  abstract = jax.eval_shape(init, jax.random.key(0))
+  state_sharding = jax.tree.map(lambda _: sharding.replicated(mesh), abstract)
+  state = jax.jit(init, out_shardings=state_sharding)(jax.random.key(0))
+  step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, schedule=schedule,
+                                   loss_fn=losses.make_loss(dict(config.loss.terms))),
+                 in_shardings=(state_sharding, sharding.batch_sharding(mesh),
+                               sharding.replicated(mesh)),
+                 out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=(0,))
+  return model, state, step, abstract, state_sharding
+
+
+def _batch(n=8, size=32, seed=0):
+  rng = np.random.default_rng(seed)
+  image = rng.normal(size=(n, size, size, 1)).astype(np.float32)
+  return {'image': image, 'label': (image[..., 0] > 0.3).astype(np.int32)}
+
+
+@pytest.mark.parametrize('norm', ['none', 'batch'])
+def test_train_step_on_8_devices_equals_1_device(norm):
+  assert jax.device_count() == 8
+  config = _smoke_config()
+  config.model.norm = norm
+  config.model.dropout_rate = 0.0
+  results = []
+  for devices in (1, 8):
+    mesh = sharding.make_mesh(devices)
+    _, state, step, _, _ = _setup(config, mesh)
+    for i in range(3):
+      state, metrics = step(state, sharding.to_global(_batch(seed=i), mesh), jax.random.key(1))
+    if devices == 8:
+      assert len(state.params['head']['Conv_0']['kernel'].sharding.device_set) == 8
+    results.append((jax.device_get(state.params), jax.device_get(state.batch_stats),
+                    float(metrics['loss'])))
+  (p1, b1, l1), (p8, b8, l8) = results
+  np.testing.assert_allclose(l1, l8, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), p1, p8)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), b1, b8)
+
+
+def test_training_lowers_the_loss_on_a_fixed_batch():
+  config = _smoke_config()
+  config.optimizer.learning_rate = 1e-2
+  config.optimizer.warmup_steps = 0
+  config.optimizer.schedule = 'constant'
+  mesh = sharding.make_mesh(1)
+  _, state, step, _, _ = _setup(config, mesh)
+  batch = sharding.to_global(_batch(n=2), mesh)
+  losses_seen = []
+  for _ in range(15):
+    state, metrics = step(state, batch, jax.random.key(0))
+    losses_seen.append(float(metrics['loss']))
+  assert losses_seen[-1] < 0.7 * losses_seen[0]
+  assert int(state.step) == 15
+
+
+def test_checkpoint_round_trip_restores_identical_state(tmp_path):
+  config = _smoke_config()
+  mesh = sharding.make_mesh(8)
+  _, state, step, abstract, state_sharding = _setup(config, mesh)
+  state, _ = step(state, sharding.to_global(_batch(), mesh), jax.random.key(0))
+  manager = checkpointing.make_manager(str(tmp_path), keep_best=1, best_metric='dice_membrane')
+  checkpointing.save(manager, 1, state, {'next_index': 5}, metrics={'dice_membrane': 0.5})
+  checkpointing.wait(manager)
+  expected = jax.device_get(state)
+  fresh = checkpointing.make_manager(str(tmp_path), keep_best=1, best_metric='dice_membrane')
+  restored, data_state = checkpointing.restore_latest(
+      fresh, checkpointing.abstract_with_shardings(abstract, state_sharding))
+  assert data_state == {'next_index': 5}
+  assert type(restored.opt_state) is type(expected.opt_state)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), expected)
+  assert restored.params['head']['Conv_0']['kernel'].sharding == sharding.replicated(mesh)
+
+
+def test_manager_keeps_latest_and_best(tmp_path):
+  mesh = sharding.make_mesh(1)
+  _, state, _, _, _ = _setup(_smoke_config(), mesh)
+  manager = checkpointing.make_manager(str(tmp_path), keep_best=1, best_metric='dice_membrane')
+  for step, dice in [(1, 0.2), (2, 0.9), (3, 0.4), (4, 0.3)]:
+    checkpointing.save(manager, step, state, {'next_index': step}, metrics={'dice_membrane': dice})
+  checkpointing.wait(manager)
+  assert manager.all_steps() == [2, 4]
+  assert manager.best_step() == 2
+
+
+def test_eval_step_confusion_matches_numpy():
+  config = _smoke_config()
+  mesh = sharding.make_mesh(8)
+  model, state, _, _, _ = _setup(config, mesh)
+  data = input_pipeline.Dataset(
+      np.random.default_rng(0).integers(0, 256, (5, 32, 32, 1), dtype=np.uint8),
+      np.random.default_rng(1).integers(0, 2, (5, 32, 32), dtype=np.uint8))
+  config.eval_batch_size = 8
+  eval_fn = jax.jit(functools.partial(train.eval_step, model=model, num_classes=2))
+  scores = train.evaluate(eval_fn, state, data, config, mesh)
+  images = (data.images / 255.0 - config.data.mean) / config.data.std
+  logits = model.apply({'params': state.params, 'batch_stats': state.batch_stats},
+                       jnp.asarray(images, jnp.float32))
+  pred = np.asarray(jnp.argmax(logits, -1))
+  truth = data.labels.astype(bool)
+  inter = np.sum(pred.astype(bool) & truth)
+  expected_dice = 2 * inter / (pred.astype(bool).sum() + truth.sum())
+  np.testing.assert_allclose(scores['dice_membrane'], expected_dice, rtol=1e-9)
+  np.testing.assert_allclose(scores['pixel_accuracy'], np.mean(pred == data.labels), rtol=1e-9)
+
+
+def test_run_resumes_exactly_where_it_stopped(tmp_path):
+  def config(num_steps):
+    c = _smoke_config(num_steps=num_steps)
+    c.optimizer.schedule = 'constant'  # a schedule that does not depend on num_steps
+    return c
+
+  train.train_and_evaluate(config(4), str(tmp_path / 'reference'))
+  train.train_and_evaluate(config(2), str(tmp_path / 'resumed'))  # stops after step 2
+  scores = train.train_and_evaluate(config(4), str(tmp_path / 'resumed'))
+  ref = json.load(open(tmp_path / 'reference' / 'final_metrics.json'))
+  got = json.load(open(tmp_path / 'resumed' / 'final_metrics.json'))
+  assert got['step'] == ref['step'] == 4
+  assert got == ref and scores['dice_membrane'] == ref['dice_membrane']
+  loss = lambda d: [(r['step'], r['train/loss'])
+                    for r in metric_writers.read_jsonl(str(d / 'metrics.jsonl'))
+                    if 'train/loss' in r]
+  assert loss(tmp_path / 'resumed') == loss(tmp_path / 'reference')
+  assert len(loss(tmp_path / 'reference')) == 2
+
+
+def test_finished_run_reevaluates_instead_of_training(tmp_path):
+  config = _smoke_config()
+  first = train.train_and_evaluate(config, str(tmp_path))
+  again = train.train_and_evaluate(_smoke_config(), str(tmp_path))
+  assert again == first
+
+
+def test_outputs_written_to_workdir(tmp_path):
+  train.train_and_evaluate(_smoke_config(), str(tmp_path))
+  final = json.load(open(tmp_path / 'final_metrics.json'))
+  assert final['step'] == 4 and 0 <= final['dice_membrane'] <= 1
+  records = metric_writers.read_jsonl(str(tmp_path / 'metrics.jsonl'))
+  assert any('train/images_per_second' in r for r in records)
+  assert any('val/pixel_error' in r for r in records)
+  assert os.listdir(tmp_path / 'tensorboard')
+  pngs = sorted(os.listdir(tmp_path / 'predictions'))
+  assert pngs == ['val_000.png', 'val_001.png']
+  from PIL import Image
+  panel = np.asarray(Image.open(tmp_path / 'predictions' / pngs[0]))
+  assert panel.shape == (64, 3 * 64 + 8, 3) and panel.std() > 0
+  assert json.load(open(tmp_path / 'config.json'))['model']['width'] == 4
+
+
+@pytest.mark.parametrize('field,value,message', [
+    ('batch_size', 3, 'config.batch_size=3 must be a positive multiple'),
+    ('num_steps', 0, 'config.num_steps=0'),
+])
+def test_bad_config_fails_before_compiling(tmp_path, field, value, message):
+  config = _smoke_config()
+  config[field] = value
+  with pytest.raises(ValueError, match=message):
+    train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_bad_crop_size_names_the_field(tmp_path):
+  config = _smoke_config()
+  config.model.padding = 'VALID'
+  config.data.crop_size = 45
+  with pytest.raises(ValueError, match='config.data.crop_size=45: input size 45 is invalid'):
+    train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_nan_loss_halts_with_the_step(tmp_path):
+  config = _smoke_config()
+  config.optimizer.learning_rate = float('nan')
+  with pytest.raises(FloatingPointError, match='at step 2'):
+    train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_valid_padding_run_trains_and_evaluates(tmp_path):
+  config = _smoke_config()
+  config.model.padding = 'VALID'
+  config.model.depth = 1
+  config.data.crop_size = 36  # output 20: labels are center-cropped to match
+  scores = train.train_and_evaluate(config, str(tmp_path))
+  assert 0 <= scores['pixel_error'] <= 1
+
+
+def test_confusion_accumulator_sees_every_validation_pixel():
+  acc = metrics_lib.ConfusionAccumulator()
+  acc.update(np.array([[3, 1], [2, 4]]))
+  acc.update(np.array([[1, 0], [0, 1]]))
+  assert acc.result(('a', 'b'))['pixel_accuracy'] == pytest.approx(9 / 12)

@@ -1,0 +1,72 @@
+"""Orbax checkpoints: periodic, atomic, best-k by a validation metric, automatic resume.
+
+A checkpoint holds the train state and the training data iterator's position, so a resumed run
+continues with the batches an uninterrupted run would have seen. Orbax writes each step into a
+temporary directory and renames it when complete: a run killed mid-write leaves no half step
+that a later restore could pick up.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+def make_manager(directory: str, *, keep_best: int, best_metric: str, best_mode: str = 'max',
+                 keep_latest: int = 1) -> ocp.CheckpointManager:
+  """A manager that keeps the `keep_latest` newest steps (for resume) and the `keep_best` best.
+
+  The best are ranked by `best_metric` of the metrics passed to `save` (e.g. 'dice_membrane').
+  """
+  if best_mode not in ('max', 'min'):
+    raise ValueError(f"config.checkpoint.best_mode={best_mode!r} is not one of ('max', 'min')")
+  metric = lambda metrics: metrics[best_metric]
+  policies = [ocp.checkpoint_managers.LatestN(n=keep_latest)]
+  if keep_best > 0:
+    policies.append(ocp.checkpoint_managers.BestN(
+        get_metric_fn=metric, reverse=best_mode == 'min', n=keep_best,
+        keep_checkpoints_without_metrics=False))
+  options = ocp.CheckpointManagerOptions(
+      preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+      best_fn=metric, best_mode=best_mode,  # so that manager.best_step() names the best
+      cleanup_tmp_directories=True,  # debris of a write that was killed half way
+  )
+  return ocp.CheckpointManager(os.path.abspath(directory), options=options,
+                               item_names=('state', 'data'))
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: Any, data_state: dict[str, Any],
+         metrics: dict[str, float] | None = None) -> None:
+  """Starts an asynchronous save; `wait(manager)` before the process exits."""
+  manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                             data=ocp.args.JsonSave(data_state)),
+               metrics=metrics, force=True)
+
+
+def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any
+                   ) -> tuple[Any, dict[str, Any]] | None:
+  """(state, data iterator state) of the newest complete checkpoint, or None if there is none.
+
+  `abstract_state` (from jax.eval_shape, with shardings) gives the tree structure and where
+  every array lands, so optimizer state comes back as its own types, already sharded.
+  """
+  step = manager.latest_step()
+  if step is None:
+    return None
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+  logging.getLogger('unet_jax').info('restored checkpoint of step %d from %s', step, manager.directory)
+  return restored['state'], restored['data']
+
+
+def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree,
+                      shardings)
+
+
+def wait(manager: ocp.CheckpointManager) -> None:
+  manager.wait_until_finished()

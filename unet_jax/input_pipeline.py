@@ -1,0 +1,185 @@
+"""Datasets and grain pipelines for training and evaluation.
+
+A dataset is held in host memory as `images (N, *spatial, C) uint8` and `labels (N, *spatial)
+uint8` class ids. Sources:
+  'procedural'  EM-like images the project generates itself (the default; needs no download).
+  'isbi'        the ISBI 2012 EM stacks (train-volume.tif, train-labels.tif) in `data.directory`.
+Both use the ISBI polarity on disk (255 = cell interior, 0 = membrane) and map it to class ids
+0 = interior, 1 = membrane, so the minority structure of interest is the positive class.
+
+Each JAX process reads only its shard of the examples; batches come out per process and
+`sharding.to_global` assembles them into globally sharded arrays.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Iterator, Sequence
+
+import grain
+import numpy as np
+
+from unet_jax import procedural
+from unet_jax import transforms as T
+
+ISBI_FILES = {'images': 'train-volume.tif', 'labels': 'train-labels.tif'}
+SOURCES = ('procedural', 'isbi')
+IGNORE_LABEL = -1  # marks the padding examples of the last evaluation batch
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+  """Images `(N, *spatial, C) uint8` and labels `(N, *spatial) uint8` class ids."""
+
+  images: np.ndarray
+  labels: np.ndarray
+
+  def __len__(self) -> int:
+    return len(self.images)
+
+  def subset(self, indices: Sequence[int]) -> 'Dataset':
+    indices = np.asarray(indices, dtype=np.int64)
+    return Dataset(self.images[indices], self.labels[indices])
+
+
+def _read_tiff_stack(path: str, what: str) -> np.ndarray:
+  import tifffile  # pylint: disable=g-import-not-at-top
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{what} file {path} does not exist; see data/README.md for how to '
+                            'obtain the ISBI 2012 stacks')
+  try:
+    array = tifffile.imread(path)
+  except Exception as e:  # tifffile raises many types on corrupt input
+    raise ValueError(f'{what} file {path} is not a readable TIFF stack: {e}') from e
+  if array.size == 0:
+    raise ValueError(f'{what} file {path} is empty or not a readable TIFF stack')
+  if array.ndim == 2:
+    array = array[None]
+  if array.ndim != 3:
+    raise ValueError(f'{what} file {path} has shape {array.shape}; expected (slices, H, W)')
+  if array.dtype != np.uint8:
+    raise ValueError(f'{what} file {path} has dtype {array.dtype}; expected uint8')
+  return array
+
+
+def isbi_labels_to_classes(labels: np.ndarray, *, path: str) -> np.ndarray:
+  """ISBI polarity (255 interior, 0 membrane) → class ids (0 interior, 1 membrane)."""
+  bad = np.setdiff1d(np.unique(labels), [0, 255])
+  if bad.size:
+    raise ValueError(f'label file {path} has values {bad[:10].tolist()} outside {{0, 255}} '
+                     '(ISBI polarity: 255 = cell interior, 0 = membrane)')
+  return (labels == 0).astype(np.uint8)
+
+
+def load_isbi(directory: str) -> Dataset:
+  """Reads the ISBI 2012 training stacks from `directory` with checks that name the file."""
+  if not directory or not os.path.isdir(directory):
+    raise FileNotFoundError(f'config.data.directory={directory!r} is not a directory; it must hold '
+                            f'{ISBI_FILES["images"]} and {ISBI_FILES["labels"]}')
+  image_path = os.path.join(directory, ISBI_FILES['images'])
+  label_path = os.path.join(directory, ISBI_FILES['labels'])
+  images = _read_tiff_stack(image_path, 'image')
+  labels = _read_tiff_stack(label_path, 'label')
+  if images.shape != labels.shape:
+    raise ValueError(f'image file {image_path} has shape {images.shape} but label file '
+                     f'{label_path} has shape {labels.shape}; they must match')
+  return Dataset(images[..., None], isbi_labels_to_classes(labels, path=label_path))
+
+
+def load_procedural(config: Any) -> Dataset:
+  images, labels = procedural.make_em_like(**dict(config))
+  return Dataset(images[..., None], isbi_labels_to_classes(labels, path='<procedural>'))
+
+
+def load_dataset(data_config: Any) -> Dataset:
+  if data_config.source == 'isbi':
+    return load_isbi(data_config.directory)
+  if data_config.source == 'procedural':
+    return load_procedural(data_config.procedural)
+  raise ValueError(f'config.data.source={data_config.source!r} is not one of {SOURCES}')
+
+
+def split(dataset: Dataset, val_indices: Sequence[int]) -> tuple[Dataset, Dataset]:
+  """Train = every example not in `val_indices` (e.g. ISBI slices 25–29 held out)."""
+  val = sorted(set(int(i) for i in val_indices))
+  if not val or val[0] < 0 or val[-1] >= len(dataset):
+    raise ValueError(f'config.data.val_indices={tuple(val_indices)} must be non-empty indices in '
+                     f'[0, {len(dataset)})')
+  train = [i for i in range(len(dataset)) if i not in set(val)]
+  if not train:
+    raise ValueError('config.data.val_indices holds out every example; nothing is left to train')
+  return dataset.subset(train), dataset.subset(val)
+
+
+class _ExampleSource:
+  """Random-access grain source over an in-memory Dataset."""
+
+  def __init__(self, dataset: Dataset):
+    self._dataset = dataset
+
+  def __len__(self) -> int:
+    return len(self._dataset)
+
+  def __getitem__(self, index: int) -> T.Example:
+    return {'image': self._dataset.images[index], 'label': self._dataset.labels[index]}
+
+
+def train_iterator(dataset: Dataset, data_config: Any, *, batch_size: int, border: int,
+                   seed: int, process_index: int = 0, process_count: int = 1
+                   ) -> grain.DatasetIterator:
+  """An endless, checkpointable iterator of this process's training batches.
+
+  Args:
+    dataset: the training split.
+    data_config: `config.data` (crop size, augmentation switches, normalisation, workers).
+    batch_size: examples per batch on this process.
+    border: mirror padding per side (the pixels a VALID net trims; 0 for SAME).
+    seed: shuffle and augmentation seed; the same seed gives the same batches.
+    process_index, process_count: this process's shard of the examples.
+  """
+  if len(dataset) < process_count:
+    raise ValueError(f'{len(dataset)} training examples cannot be sharded over '
+                     f'{process_count} processes')
+  crop = data_config.crop_size
+  crop_size = tuple(crop) if isinstance(crop, (tuple, list)) else (crop,) * (dataset.labels.ndim - 1)
+  ds = grain.MapDataset.source(_ExampleSource(dataset))
+  ds = ds.slice(slice(process_index, None, process_count))
+  ds = ds.shuffle(seed=seed).repeat(None)
+  ops = T.train_transforms(crop_size=crop_size, border=border, flip=data_config.flip,
+                           rot90=data_config.rot90, mean=data_config.mean, std=data_config.std)
+  for i, op in enumerate(ops):
+    ds = ds.random_map(op, seed=seed + 1 + i) if isinstance(op, grain.transforms.RandomMap) \
+        else ds.map(op)
+  ds = ds.batch(batch_size, drop_remainder=True)
+  iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=data_config.num_threads,
+                                                 prefetch_buffer_size=data_config.prefetch))
+  if data_config.num_workers > 0:
+    iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_config.num_workers))
+  return iter(iter_ds)
+
+
+def eval_batches(dataset: Dataset, *, batch_size: int, pads: Sequence[tuple[int, int]], mean: float,
+                 std: float, process_index: int = 0, process_count: int = 1
+                 ) -> Iterator[dict[str, np.ndarray]]:
+  """This process's evaluation batches of whole images, mirror-padded for the model.
+
+  Every process yields the same number of batches (collectives need that); padding examples at
+  the end carry IGNORE_LABEL so they count nowhere. Labels stay unpadded: the model's output,
+  sliced to the label's shape, lines up with the original image (see inference.model_padding).
+  """
+  indices = np.arange(process_index, len(dataset), process_count)
+  per_process = -(-len(dataset) // process_count)
+  num_batches = -(-per_process // batch_size)
+  normalize = T.Normalize(mean, std)
+  for b in range(num_batches):
+    chunk = indices[b * batch_size:(b + 1) * batch_size]
+    images = dataset.images[chunk]
+    labels = dataset.labels[chunk].astype(np.int32)
+    missing = batch_size - len(chunk)
+    if missing:
+      shape = dataset.images.shape[1:]
+      images = np.concatenate([images, np.zeros((missing, *shape), images.dtype)])
+      labels = np.concatenate([labels, np.full((missing, *shape[:-1]), IGNORE_LABEL, np.int32)])
+    images = T.mirror_pad(images, [(0, 0), *pads, (0, 0)])
+    yield normalize.map({'image': images, 'label': labels})
