@@ -36,6 +36,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   config.log_every = 50
   config.eval_every = 1000  # also the checkpoint period
   config.num_overlays = 5
+  config.nonfinite = 'halt'  # or 'skip': drop steps whose loss or gradient is not finite
 
   config.data = ml_collections.ConfigDict()
   config.data.source = 'isbi'
@@ -71,14 +72,24 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = 'adam'
   config.optimizer.learning_rate = 3e-4
-  config.optimizer.schedule = 'cosine'
+  config.optimizer.schedule = 'cosine'  # constant | cosine | polynomial | step
   config.optimizer.warmup_steps = 200
   config.optimizer.final_lr_fraction = 0.01
+  config.optimizer.power = 1.0  # polynomial schedule
+  config.optimizer.step_boundaries = (0.5, 0.75)  # step schedule, fractions of num_steps
+  config.optimizer.step_factor = 0.1
   config.optimizer.b1 = 0.9
   config.optimizer.b2 = 0.999
-  config.optimizer.momentum = 0.99
-  config.optimizer.weight_decay = 1e-4
+  config.optimizer.momentum = 0.99  # sgd; the paper's value
+  config.optimizer.weight_decay = 0.0
+  config.optimizer.decay_biases_and_norms = False
   config.optimizer.grad_clip_norm = 0.0
+  config.optimizer.grad_accum_steps = 1  # micro-batches per step: same update, less memory
+  config.optimizer.ema_decay = 0.0  # > 0 evaluates and checkpoints an EMA of the parameters
+
+  config.early_stopping = ml_collections.ConfigDict()
+  config.early_stopping.patience = 0  # evaluations without improvement of best_metric; 0: off
+  config.early_stopping.min_delta = 0.0
 
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.keep_best = 1

@@ -1,6 +1,5 @@
 """Train/eval steps: sharded = single device, checkpoints round-trip, runs resume exactly."""
 
-import functools
 import json
 import os
 
@@ -11,14 +10,12 @@ import pytest
 
 from experiments import quickstart
 from unet_jax import checkpointing
+from unet_jax import evaluation
 from unet_jax import input_pipeline
-from unet_jax import losses
 from unet_jax import metric_writers
 from unet_jax import metrics as metrics_lib
-from unet_jax import optimizers
 from unet_jax import sharding
 from unet_jax import train
-from unet_jax.models import build_model
 
 
 def _smoke_config(**overrides):
@@ -27,19 +24,11 @@ def _smoke_config(**overrides):
   return config
 
 
-def _setup(config, mesh):
-  model = build_model(config.model, num_classes=2)
-  tx, schedule = optimizers.make_optimizer(config.optimizer, num_steps=config.num_steps)
-  init = functools.partial(train.init_state, model=model, tx=tx, input_shape=(1, 32, 32, 1))
-  abstract = jax.eval_shape(init, jax.random.key(0))
-  state_sharding = jax.tree.map(lambda _: sharding.replicated(mesh), abstract)
-  state = jax.jit(init, out_shardings=state_sharding)(jax.random.key(0))
-  step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, schedule=schedule,
-                                   loss_fn=losses.make_loss(dict(config.loss.terms))),
-                 in_shardings=(state_sharding, sharding.batch_sharding(mesh),
-                               sharding.replicated(mesh)),
-                 out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=(0,))
-  return model, state, step, abstract, state_sharding
+def _setup(config, devices):
+  config.mesh.num_devices = devices
+  setup = train.build(config, input_channels=1, spatial_rank=2)
+  state = jax.jit(setup.init_fn, out_shardings=setup.state_sharding)(jax.random.key(0))
+  return setup, state, train.make_step_fn(config, setup)
 
 
 def _batch(n=8, size=32, seed=0):
@@ -56,8 +45,8 @@ def test_train_step_on_8_devices_equals_1_device(norm):
   config.model.dropout_rate = 0.0
   results = []
   for devices in (1, 8):
-    mesh = sharding.make_mesh(devices)
-    _, state, step, _, _ = _setup(config, mesh)
+    setup, state, step = _setup(config, devices)
+    mesh = setup.mesh
     for i in range(3):
       state, metrics = step(state, sharding.to_global(_batch(seed=i), mesh), jax.random.key(1))
     if devices == 8:
@@ -75,9 +64,9 @@ def test_training_lowers_the_loss_on_a_fixed_batch():
   config.optimizer.learning_rate = 1e-2
   config.optimizer.warmup_steps = 0
   config.optimizer.schedule = 'constant'
-  mesh = sharding.make_mesh(1)
-  _, state, step, _, _ = _setup(config, mesh)
-  batch = sharding.to_global(_batch(n=2), mesh)
+  config.batch_size = 2
+  setup, state, step = _setup(config, 1)
+  batch = sharding.to_global(_batch(n=2), setup.mesh)
   losses_seen = []
   for _ in range(15):
     state, metrics = step(state, batch, jax.random.key(0))
@@ -88,16 +77,15 @@ def test_training_lowers_the_loss_on_a_fixed_batch():
 
 def test_checkpoint_round_trip_restores_identical_state(tmp_path):
   config = _smoke_config()
-  mesh = sharding.make_mesh(8)
-  _, state, step, abstract, state_sharding = _setup(config, mesh)
+  setup, state, step = _setup(config, 8)
+  mesh = setup.mesh
   state, _ = step(state, sharding.to_global(_batch(), mesh), jax.random.key(0))
   manager = checkpointing.make_manager(str(tmp_path), keep_best=1, best_metric='dice_membrane')
   checkpointing.save(manager, 1, state, {'next_index': 5}, metrics={'dice_membrane': 0.5})
   checkpointing.wait(manager)
   expected = jax.device_get(state)
   fresh = checkpointing.make_manager(str(tmp_path), keep_best=1, best_metric='dice_membrane')
-  restored, data_state = checkpointing.restore_latest(
-      fresh, checkpointing.abstract_with_shardings(abstract, state_sharding))
+  restored, data_state = checkpointing.restore_latest(fresh, setup.abstract_state)
   assert data_state == {'next_index': 5}
   assert type(restored.opt_state) is type(expected.opt_state)
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), expected)
@@ -105,8 +93,7 @@ def test_checkpoint_round_trip_restores_identical_state(tmp_path):
 
 
 def test_manager_keeps_latest_and_best(tmp_path):
-  mesh = sharding.make_mesh(1)
-  _, state, _, _, _ = _setup(_smoke_config(), mesh)
+  _, state, _ = _setup(_smoke_config(), 1)
   manager = checkpointing.make_manager(str(tmp_path), keep_best=1, best_metric='dice_membrane')
   for step, dice in [(1, 0.2), (2, 0.9), (3, 0.4), (4, 0.3)]:
     checkpointing.save(manager, step, state, {'next_index': step}, metrics={'dice_membrane': dice})
@@ -117,14 +104,14 @@ def test_manager_keeps_latest_and_best(tmp_path):
 
 def test_eval_step_confusion_matches_numpy():
   config = _smoke_config()
-  mesh = sharding.make_mesh(8)
-  model, state, _, _, _ = _setup(config, mesh)
+  setup, state, _ = _setup(config, 8)
+  model, mesh = setup.model, setup.mesh
   data = input_pipeline.Dataset(
       np.random.default_rng(0).integers(0, 256, (5, 32, 32, 1), dtype=np.uint8),
       np.random.default_rng(1).integers(0, 2, (5, 32, 32), dtype=np.uint8))
   config.eval_batch_size = 8
-  eval_fn = jax.jit(functools.partial(train.eval_step, model=model, num_classes=2))
-  scores = train.evaluate(eval_fn, state, data, config, mesh)
+  eval_fn = evaluation.make_eval_fn(model, mesh, 2)
+  scores = evaluation.evaluate(eval_fn, state, data, config, model, mesh)
   images = (data.images / 255.0 - config.data.mean) / config.data.std
   logits = model.apply({'params': state.params, 'batch_stats': state.batch_stats},
                        jnp.asarray(images, jnp.float32))

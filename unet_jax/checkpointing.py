@@ -1,7 +1,8 @@
 """Orbax checkpoints: periodic, atomic, best-k by a validation metric, automatic resume.
 
-A checkpoint holds the train state and the training data iterator's position, so a resumed run
-continues with the batches an uninterrupted run would have seen. Orbax writes each step into a
+A checkpoint holds the train state and a JSON record of the loop (the training data iterator's
+position, the early-stopping record), so a resumed run continues with the batches an
+uninterrupted run would have seen. Orbax writes each step into a
 temporary directory and renames it when complete: a run killed mid-write leaves no half step
 that a later restore could pick up.
 """
@@ -39,17 +40,18 @@ def make_manager(directory: str, *, keep_best: int, best_metric: str, best_mode:
                                item_names=('state', 'data'))
 
 
-def save(manager: ocp.CheckpointManager, step: int, state: Any, data_state: dict[str, Any],
+def save(manager: ocp.CheckpointManager, step: int, state: Any, extra: dict[str, Any],
          metrics: dict[str, float] | None = None) -> None:
-  """Starts an asynchronous save; `wait(manager)` before the process exits."""
+  """Starts an asynchronous save of `state` and the JSON-able `extra`; `wait(manager)` before
+  the process exits. `metrics` rank the checkpoint among the best."""
   manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                             data=ocp.args.JsonSave(data_state)),
+                                             data=ocp.args.JsonSave(extra)),
                metrics=metrics, force=True)
 
 
 def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any
                    ) -> tuple[Any, dict[str, Any]] | None:
-  """(state, data iterator state) of the newest complete checkpoint, or None if there is none.
+  """(state, extra) of the newest complete checkpoint, or None if there is none.
 
   `abstract_state` (from jax.eval_shape, with shardings) gives the tree structure and where
   every array lands, so optimizer state comes back as its own types, already sharded.

@@ -44,6 +44,13 @@ class MetricWriter:
       self._tb.close()
 
 
+def progress_bar(total: int, initial: int, *, enabled: bool):
+  """A tqdm bar with ETA; disabled on every process but the first."""
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  return tqdm(total=total, initial=initial, disable=not enabled, unit='step', dynamic_ncols=True,
+              mininterval=2.0)
+
+
 def read_jsonl(path: str) -> list[dict]:
   with open(path, encoding='utf-8') as f:
     return [json.loads(line) for line in f if line.strip()]

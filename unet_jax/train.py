@@ -1,17 +1,23 @@
-"""Training and evaluation: pure jitted steps and the loop that drives them.
+"""Training: a pure jitted step and the one loop that drives it.
 
-`train_step(state, batch, rng) -> (state, metrics)` and `eval_step(state, batch) -> confusion`
-are pure functions; the model, optimizer and loss are bound with functools.partial, the state is
-donated, and shardings come from `jax.eval_shape`: the batch is split over the mesh's 'data'
-axis, everything else is replicated.
+`train_step(state, batch, rng) -> (state, metrics)` is a pure function; the model, optimizer,
+loss and options are bound with functools.partial, the state is donated, and shardings come from
+`jax.eval_shape`: the batch is split over the mesh's 'data' axis, the state is replicated.
+
+The loop evaluates every `eval_every` steps, checkpoints with the data iterator position and the
+early-stopping record (so a resumed run continues exactly), stops early when the monitored
+metric stalls, halts on a non-finite loss (or skips such steps), and on SIGTERM saves and returns.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
 import os
+import signal
+import threading
 import time
 from typing import Any, Callable
 
@@ -24,11 +30,11 @@ import optax
 from flax import struct
 
 from unet_jax import checkpointing
+from unet_jax import evaluation
 from unet_jax import inference
 from unet_jax import input_pipeline
 from unet_jax import losses
 from unet_jax import metric_writers
-from unet_jax import metrics as metrics_lib
 from unet_jax import optimizers
 from unet_jax import sharding
 from unet_jax import visualize
@@ -36,6 +42,7 @@ from unet_jax.models import blocks
 from unet_jax.models import build_model, output_size
 
 log = logging.getLogger('unet_jax')
+NONFINITE_POLICIES = ('halt', 'skip')
 
 
 class TrainState(struct.PyTreeNode):
@@ -43,76 +50,103 @@ class TrainState(struct.PyTreeNode):
   params: Any
   batch_stats: Any
   opt_state: Any
+  ema_params: Any  # {} when config.optimizer.ema_decay == 0
 
 
 def init_state(rng: jax.Array, *, model: nn.Module, tx: optax.GradientTransformation,
-               input_shape: tuple[int, ...]) -> TrainState:
+               input_shape: tuple[int, ...], ema: bool) -> TrainState:
   variables = model.init(rng, jnp.zeros(input_shape, jnp.float32), train=False)
   params = variables['params']
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params))
+                    batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params),
+                    ema_params=jax.tree.map(jnp.copy, params) if ema else {})
+
+
+def _loss_and_grads(params, batch_stats, batch, rng, *, model, loss_fn):
+  """Loss, its parts, accuracy, new batch statistics and gradients on one (micro-)batch."""
+
+  def compute_loss(params):
+    outputs, updates = model.apply({'params': params, 'batch_stats': batch_stats},
+                                   batch['image'], train=True, rngs={'dropout': rng},
+                                   mutable=['batch_stats'])
+    final = evaluation.final_logits(outputs)
+    # A VALID net predicts the centre of its input crop; labels and weights follow it.
+    crop = lambda x: blocks.center_crop(x[..., None], final.shape[1:-1])[..., 0]
+    labels = crop(batch['label'])
+    weights = crop(batch['weight']) if 'weight' in batch else None
+    total, parts = loss_fn(outputs, labels, weights=weights)
+    valid = (labels >= 0) & (labels < final.shape[-1])
+    accuracy = jnp.sum((jnp.argmax(final, -1) == labels) & valid) / jnp.maximum(valid.sum(), 1)
+    return total, (parts, accuracy, updates.get('batch_stats', batch_stats))
+
+  (loss, (parts, accuracy, new_stats)), grads = jax.value_and_grad(
+      compute_loss, has_aux=True)(params)
+  return loss, parts, accuracy, new_stats, grads
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *,
                model: nn.Module, tx: optax.GradientTransformation, loss_fn: Callable,
-               schedule: optax.Schedule) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimizer step on a global batch; labels are center-cropped to the output size."""
+               schedule: optax.Schedule, accum_steps: int = 1, ema_decay: float = 0.0,
+               skip_nonfinite: bool = False) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer step on a global batch.
+
+  With `accum_steps` > 1 the batch is processed as that many equal micro-batches whose
+  gradients are averaged: the same update as the whole batch (for losses that average over
+  examples, and without batch norm) in a fraction of the activation memory.
+  """
   rng = jax.random.fold_in(rng, state.step)
+  grad_fn = functools.partial(_loss_and_grads, model=model, loss_fn=loss_fn)
+  if accum_steps == 1:
+    loss, parts, accuracy, batch_stats, grads = grad_fn(state.params, state.batch_stats, batch, rng)
+  else:
+    # Micro-batch i takes rows i, i + k, i + 2k, ...: every device contributes to each one.
+    micro = jax.tree.map(
+        lambda x: jnp.swapaxes(x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:]),
+                               0, 1), batch)
 
-  def compute_loss(params):
-    logits, updates = model.apply({'params': params, 'batch_stats': state.batch_stats},
-                                  batch['image'], train=True, rngs={'dropout': rng},
-                                  mutable=['batch_stats'])
-    labels = blocks.center_crop(batch['label'][..., None], logits.shape[1:-1])[..., 0]
-    total, terms = loss_fn(logits, labels)
-    accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
-    return total, (terms, accuracy, updates.get('batch_stats', {}))
+    def body(carry, inputs):
+      grads_sum, stats = carry
+      micro_batch, index = inputs
+      loss, parts, accuracy, stats, grads = grad_fn(
+          state.params, stats, micro_batch, jax.random.fold_in(rng, index))
+      return (jax.tree.map(jnp.add, grads_sum, grads), stats), (loss, parts, accuracy)
 
-  (loss, (terms, accuracy, batch_stats)), grads = jax.value_and_grad(
-      compute_loss, has_aux=True)(state.params)
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    (grads, batch_stats), (loss, parts, accuracy) = jax.lax.scan(
+        body, (zeros, state.batch_stats), (micro, jnp.arange(accum_steps)))
+    grads = jax.tree.map(lambda g: g / accum_steps, grads)
+    loss, accuracy = loss.mean(), accuracy.mean()
+    parts = jax.tree.map(jnp.mean, parts)
+
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                            batch_stats=batch_stats, opt_state=opt_state)
-  metrics = {'loss': loss, 'pixel_accuracy': accuracy, 'grad_norm': optax.tree.norm(grads),
-             'learning_rate': schedule(state.step), **{f'loss_{k}': v for k, v in terms.items()}}
+  params = optax.apply_updates(state.params, updates)
+  ema = (optimizers.update_ema(state.ema_params, params, decay=ema_decay, step=state.step)
+         if ema_decay else state.ema_params)
+  grad_norm = optax.tree.norm(grads)
+  new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                            opt_state=opt_state, ema_params=ema)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  if skip_nonfinite:  # keep every old value, only count the step
+    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state,
+                             state.replace(step=state.step + 1))
+  metrics = {'loss': loss, 'pixel_accuracy': accuracy, 'grad_norm': grad_norm,
+             'learning_rate': schedule(state.step), 'nonfinite_steps': 1 - finite.astype(jnp.int32),
+             **{f'loss_{k}': v for k, v in parts.items()}}
   return new_state, metrics
 
 
-def predict_classes(state: TrainState, images: jax.Array, *, model: nn.Module,
-                    spatial_shape: tuple[int, ...]) -> jax.Array:
-  """Argmax classes of mirror-padded images, cropped back to `spatial_shape`."""
-  logits = model.apply({'params': state.params, 'batch_stats': state.batch_stats}, images,
-                       train=False)
-  return jnp.argmax(inference.crop_to(logits, spatial_shape), axis=-1)
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """What the loop and the eval mode both need: built once per run from the config."""
 
-
-def eval_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
-              num_classes: int) -> jax.Array:
-  """The (C, C) confusion matrix of one global batch (padding examples are ignored)."""
-  labels = batch['label']
-  predictions = predict_classes(state, batch['image'], model=model,
-                                spatial_shape=labels.shape[1:])
-  return metrics_lib.confusion_matrix(predictions, labels, num_classes=num_classes)
-
-
-def evaluate(eval_fn: Callable, state: TrainState, dataset: input_pipeline.Dataset,
-             config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> dict[str, float]:
-  """Exact scores over the whole split from one accumulated confusion matrix."""
-  accumulator = metrics_lib.ConfusionAccumulator()
-  for batch in _eval_batches(dataset, config, mesh):
-    accumulator.update(eval_fn(state, sharding.to_global(batch, mesh)))
-  return accumulator.result(config.data.class_names)
-
-
-def _eval_batches(dataset, config, mesh):
-  local_batch = sharding.check_batch_size(config.eval_batch_size, mesh,
-                                          field='config.eval_batch_size')
-  pads = inference.model_padding(dataset.labels.shape[1:], depth=config.model.depth,
-                                 padding=config.model.padding)
-  return input_pipeline.eval_batches(dataset, batch_size=local_batch, pads=pads,
-                                     mean=config.data.mean, std=config.data.std,
-                                     process_index=jax.process_index(),
-                                     process_count=jax.process_count())
+  mesh: jax.sharding.Mesh
+  model: nn.Module
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  init_fn: Callable[[jax.Array], TrainState]
+  state_sharding: Any
+  abstract_state: Any
+  border: int
 
 
 def check_config(config: ml_collections.ConfigDict) -> int:
@@ -128,121 +162,204 @@ def check_config(config: ml_collections.ConfigDict) -> int:
   for field in ('num_steps', 'log_every', 'eval_every'):
     if config[field] < 1:
       raise ValueError(f'config.{field}={config[field]} must be ≥ 1')
-  if config.checkpoint.best_metric.split('_', 1)[-1] not in (
-      *config.data.class_names, 'mean', 'accuracy', 'error'):
-    raise ValueError(f'config.checkpoint.best_metric={config.checkpoint.best_metric!r} names no '
-                     f'evaluation metric; e.g. dice_{config.data.class_names[-1]}')
+  if config.nonfinite not in NONFINITE_POLICIES:
+    raise ValueError(f'config.nonfinite={config.nonfinite!r} is not one of {NONFINITE_POLICIES}')
+  accum = config.optimizer.grad_accum_steps
+  if accum < 1 or config.batch_size % accum:
+    raise ValueError(f'config.optimizer.grad_accum_steps={accum} must be ≥ 1 and divide '
+                     f'config.batch_size={config.batch_size}')
+  metric = config.checkpoint.best_metric
+  if metric.split('_', 1)[-1] not in (*config.data.class_names, 'mean', 'accuracy', 'error'):
+    raise ValueError(f'config.checkpoint.best_metric={metric!r} names no evaluation metric; '
+                     f'e.g. dice_{config.data.class_names[-1]}')
   return (crop - out) // 2
 
 
-def _write_final(workdir: str, step: int, scores: dict[str, float]) -> None:
-  with open(os.path.join(workdir, 'final_metrics.json'), 'w', encoding='utf-8') as f:
-    json.dump({'step': step, **scores}, f, indent=2, sort_keys=True)
+def build(config: ml_collections.ConfigDict, *, input_channels: int, spatial_rank: int) -> Setup:
+  border = check_config(config)
+  mesh = sharding.make_mesh(config.mesh.num_devices)
+  local_batch = sharding.check_batch_size(config.batch_size, mesh, field='config.batch_size')
+  model = build_model(config.model, num_classes=len(config.data.class_names))
+  tx, schedule = optimizers.make_optimizer(config.optimizer, num_steps=config.num_steps)
+  input_shape = (local_batch, *(config.data.crop_size,) * spatial_rank, input_channels)
+  init_fn = functools.partial(init_state, model=model, tx=tx, input_shape=input_shape,
+                              ema=config.optimizer.ema_decay > 0)
+  abstract = jax.eval_shape(init_fn, jax.random.key(0))
+  state_sharding = jax.tree.map(lambda _: sharding.replicated(mesh), abstract)
+  return Setup(mesh, model, tx, schedule, init_fn, state_sharding,
+               checkpointing.abstract_with_shardings(abstract, state_sharding), border)
 
 
-def _progress(total: int, initial: int, enabled: bool):
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-  return tqdm(total=total, initial=initial, disable=not enabled, unit='step', dynamic_ncols=True,
-              mininterval=2.0)
+def make_step_fn(config: ml_collections.ConfigDict, setup: Setup) -> Callable:
+  """The jitted, sharded train step with the config's statics bound; the state is donated."""
+  step = functools.partial(
+      train_step, model=setup.model, tx=setup.tx, schedule=setup.schedule,
+      loss_fn=losses.make_loss(dict(config.loss.terms)),
+      accum_steps=config.optimizer.grad_accum_steps, ema_decay=config.optimizer.ema_decay,
+      skip_nonfinite=config.nonfinite == 'skip')
+  mesh = setup.mesh
+  return jax.jit(step, in_shardings=(setup.state_sharding, sharding.batch_sharding(mesh),
+                                     sharding.replicated(mesh)),
+                 out_shardings=(setup.state_sharding, sharding.replicated(mesh)),
+                 donate_argnums=(0,))
+
+
+def make_manager(config: ml_collections.ConfigDict, workdir: str):
+  return checkpointing.make_manager(
+      os.path.join(workdir, 'checkpoints'), keep_best=config.checkpoint.keep_best,
+      best_metric=config.checkpoint.best_metric, best_mode=config.checkpoint.best_mode)
+
+
+class _StopSignal:
+  """Turns SIGTERM (preemption) into a flag the loop checks between steps."""
+
+  def __init__(self):
+    self.received = threading.Event()
+    self._previous = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, lambda *_: self.received.set())
+    return self
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+class _EarlyStopping:
+  """Counts evaluations without improvement of the monitored metric by at least min_delta."""
+
+  def __init__(self, config: ml_collections.ConfigDict, record: dict[str, Any] | None):
+    self.metric, self.sign = config.checkpoint.best_metric, (
+        1.0 if config.checkpoint.best_mode == 'max' else -1.0)
+    self.patience, self.min_delta = config.early_stopping.patience, config.early_stopping.min_delta
+    record = record or {}
+    self.best = record.get('best')
+    self.stale = record.get('stale', 0)
+
+  def update(self, scores: dict[str, float]) -> bool:
+    """Records one evaluation; True when training should stop."""
+    value = scores.get(self.metric, float('nan'))
+    if np.isfinite(value) and (self.best is None
+                               or self.sign * (value - self.best) > self.min_delta):
+      self.best, self.stale = float(value), 0
+    else:
+      self.stale += 1
+    return self.patience > 0 and self.stale >= self.patience
+
+  def record(self) -> dict[str, Any]:
+    return {'best': self.best, 'stale': self.stale}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains `config.num_steps` steps (resuming from `workdir`), evaluates, returns final scores."""
-  border = check_config(config)
+  """Trains to `config.num_steps` (resuming from `workdir`); returns the final validation scores.
+
+  Returns an empty dict when stopped by SIGTERM after saving a checkpoint.
+  """
+  check_config(config)
   chief = jax.process_index() == 0
-  mesh = sharding.make_mesh(config.mesh.num_devices)
-  local_batch = sharding.check_batch_size(config.batch_size, mesh, field='config.batch_size')
   dataset = input_pipeline.load_dataset(config.data)
   train_set, val_set = input_pipeline.split(dataset, config.data.val_indices)
-  class_names = tuple(config.data.class_names)
-  model = build_model(config.model, num_classes=len(class_names))
-  tx, schedule = optimizers.make_optimizer(config.optimizer, num_steps=config.num_steps)
-  loss_fn = losses.make_loss(dict(config.loss.terms))
-
-  crop_shape = (config.data.crop_size,) * (train_set.labels.ndim - 1)
-  input_shape = (local_batch, *crop_shape, train_set.images.shape[-1])
-  init_fn = functools.partial(init_state, model=model, tx=tx, input_shape=input_shape)
-  rng = jax.random.key(config.seed)
-  init_rng, step_rng = jax.random.split(rng)
-  abstract = jax.eval_shape(init_fn, init_rng)
-  state_sharding = jax.tree.map(lambda _: sharding.replicated(mesh), abstract)
-  state = jax.jit(init_fn, out_shardings=state_sharding)(init_rng)
-
+  setup = build(config, input_channels=dataset.images.shape[-1],
+                spatial_rank=dataset.labels.ndim - 1)
+  mesh = setup.mesh
+  state = jax.jit(setup.init_fn, out_shardings=setup.state_sharding)(jax.random.key(config.seed))
+  local_batch = config.batch_size // jax.process_count()
   train_iter = input_pipeline.train_iterator(
-      train_set, config.data, batch_size=local_batch, border=border, seed=config.seed,
+      train_set, config.data, batch_size=local_batch, border=setup.border, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count())
-  manager = checkpointing.make_manager(
-      os.path.join(workdir, 'checkpoints'), keep_best=config.checkpoint.keep_best,
-      best_metric=config.checkpoint.best_metric, best_mode=config.checkpoint.best_mode)
-  restored = checkpointing.restore_latest(
-      manager, checkpointing.abstract_with_shardings(abstract, state_sharding))
+  manager = make_manager(config, workdir)
+  restored = checkpointing.restore_latest(manager, setup.abstract_state)
+  loop_record = None
   if restored is not None:
-    state, data_state = restored
-    train_iter.set_state(data_state)
+    state, extra = restored
+    train_iter.set_state(extra['iterator'])
+    loop_record = extra.get('early_stopping')
+  early_stopping = _EarlyStopping(config, loop_record)
   start_step = int(state.step)
   if chief:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
       f.write(config.to_json_best_effort(indent=2))
     log.info('%s from step %d; %d train / %d val examples; %d devices; %s parameters',
-                 'resuming' if start_step else 'starting', start_step, len(train_set),
-                 len(val_set), mesh.size,
-                 f'{sum(x.size for x in jax.tree.leaves(state.params)):,}')
+             'resuming' if start_step else 'starting', start_step, len(train_set), len(val_set),
+             mesh.size, f'{sum(x.size for x in jax.tree.leaves(state.params)):,}')
 
-  step_fn = jax.jit(
-      functools.partial(train_step, model=model, tx=tx, loss_fn=loss_fn, schedule=schedule),
-      in_shardings=(state_sharding, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
-      out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=(0,))
-  eval_fn = jax.jit(functools.partial(eval_step, model=model, num_classes=len(class_names)),
-                    out_shardings=sharding.replicated(mesh))
+  step_fn = make_step_fn(config, setup)
+  eval_fn = evaluation.make_eval_fn(setup.model, mesh, len(config.data.class_names))
+  step_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
+
+  def save(step, scores=None):
+    extra = {'iterator': train_iter.get_state(), 'early_stopping': early_stopping.record()}
+    checkpointing.save(manager, step, state, extra,
+                       metrics={k: v for k, v in (scores or {}).items() if np.isfinite(v)} or None)
 
   writer = metric_writers.MetricWriter(workdir, enabled=chief)
-  bar = _progress(config.num_steps, start_step, chief)
+  bar = metric_writers.progress_bar(config.num_steps, start_step, enabled=chief)
   scores: dict[str, float] = {}
-  pending = []
+  pending: list[dict[str, jax.Array]] = []
   last_time, last_step = time.perf_counter(), start_step
-  for step in range(start_step + 1, config.num_steps + 1):
-    batch = sharding.to_global(next(train_iter), mesh)
-    state, step_metrics = step_fn(state, batch, step_rng)
-    pending.append(step_metrics)
-    bar.update(1)
-    if step % config.log_every == 0 or step == config.num_steps:
-      summary = {k: float(np.mean([m[k] for m in jax.device_get(pending)])) for k in pending[0]}
-      now = time.perf_counter()
-      summary['images_per_second'] = (step - last_step) * config.batch_size / (now - last_time)
-      last_time, last_step, pending = now, step, []
-      if not np.isfinite(summary['loss']):
-        raise FloatingPointError(f'loss is {summary["loss"]} at step {step}; the last good '
-                                 f'checkpoint is kept in {manager.directory}')
-      writer.write_scalars(step, {f'train/{k}': v for k, v in summary.items()})
-      bar.set_postfix(loss=f'{summary["loss"]:.4f}', img_s=f'{summary["images_per_second"]:.1f}')
-    if step % config.eval_every == 0 or step == config.num_steps:
-      scores = evaluate(eval_fn, state, val_set, config, mesh)
-      writer.write_scalars(step, {f'val/{k}': v for k, v in scores.items()})
-      bar.write(f'step {step}: ' + _format_scores(scores, class_names))
-      checkpointing.save(manager, step, state, train_iter.get_state(),
-                         metrics={k: v for k, v in scores.items() if np.isfinite(v)})
-      last_time = time.perf_counter()  # evaluation time is not training throughput
+  stopped_early = preempted = False
+  with _StopSignal() as stop:
+    for step in range(start_step + 1, config.num_steps + 1):
+      state, step_metrics = step_fn(state, sharding.to_global(next(train_iter), mesh), step_rng)
+      pending.append(step_metrics)
+      bar.update(1)
+      eval_now = step % config.eval_every == 0 or step == config.num_steps
+      if step % config.log_every == 0 or eval_now:
+        summary = {k: float(np.mean([m[k] for m in jax.device_get(pending)])) for k in pending[0]}
+        summary['nonfinite_steps'] *= len(pending)
+        now = time.perf_counter()
+        summary['images_per_second'] = (step - last_step) * config.batch_size / (now - last_time)
+        last_time, last_step, pending = now, step, []
+        if not np.isfinite(summary['loss']) and config.nonfinite == 'halt':
+          raise FloatingPointError(
+              f'loss is {summary["loss"]} at step {step} (or within the {config.log_every} steps '
+              f'before it); the last good checkpoint is kept in {manager.directory}. Lower the '
+              'learning rate, set config.optimizer.grad_clip_norm, or config.nonfinite="skip"')
+        writer.write_scalars(step, {f'train/{k}': v for k, v in summary.items()})
+        bar.set_postfix(loss=f'{summary["loss"]:.4f}', img_s=f'{summary["images_per_second"]:.1f}')
+      if eval_now:
+        scores = evaluation.evaluate(eval_fn, state, val_set, config, setup.model, mesh)
+        writer.write_scalars(step, {f'val/{k}': v for k, v in scores.items()})
+        bar.write(f'step {step}: ' + evaluation.format_scores(scores, config.data.class_names))
+        stopped_early = early_stopping.update(scores)
+        save(step, scores)
+        last_time = time.perf_counter()  # evaluation time is not training throughput
+        if stopped_early:
+          log.info('early stopping at step %d: %s did not improve by more than %g for %d '
+                   'evaluations (best %.4f)', step, early_stopping.metric,
+                   early_stopping.min_delta, early_stopping.patience, early_stopping.best)
+          break
+      if stop.received.is_set() or (jax.process_count() > 1 and manager.reached_preemption(step)):
+        if not eval_now:
+          save(step)
+        preempted = True
+        log.info('SIGTERM at step %d: checkpoint saved; rerun the same command to resume', step)
+        break
   bar.close()
   checkpointing.wait(manager)
+  if preempted:
+    writer.close()
+    manager.close()
+    return {}
 
   if not scores:  # resumed a finished run: evaluate what was restored
-    scores = evaluate(eval_fn, state, val_set, config, mesh)
+    scores = evaluation.evaluate(eval_fn, state, val_set, config, setup.model, mesh)
   if chief:
-    _write_final(workdir, int(state.step), scores)
-    log.info('final (step %d): %s', int(state.step), _format_scores(scores, class_names))
-  _write_overlays(state, model, val_set, config, mesh, workdir, chief)
+    with open(os.path.join(workdir, 'final_metrics.json'), 'w', encoding='utf-8') as f:
+      json.dump({'step': int(state.step), 'stopped_early': stopped_early, **scores}, f, indent=2,
+                sort_keys=True)
+    log.info('final (step %d): %s', int(state.step),
+             evaluation.format_scores(scores, config.data.class_names))
+  write_overlays(state, setup.model, val_set, config, mesh, workdir, chief)
   writer.close()
   manager.close()
   return scores
 
 
-def _format_scores(scores: dict[str, float], class_names: tuple[str, ...]) -> str:
-  keys = ['pixel_error', *(f'dice_{c}' for c in class_names), *(f'iou_{c}' for c in class_names)]
-  return ', '.join(f'{k}={scores[k]:.4f}' for k in keys if k in scores)
-
-
-def _write_overlays(state, model, dataset, config, mesh, workdir, chief) -> None:
+def write_overlays(state, model, dataset, config, mesh, workdir, chief) -> None:
   """PNGs of image | ground truth | prediction for the first validation examples.
 
   Every process predicts the same few images (replicated input), so no gathering is needed.
@@ -251,15 +368,16 @@ def _write_overlays(state, model, dataset, config, mesh, workdir, chief) -> None
   if count == 0:
     return
   subset = dataset.subset(range(count))
-  pads = inference.model_padding(subset.labels.shape[1:], depth=config.model.depth,
-                                 padding=config.model.padding)
-  batch = next(input_pipeline.eval_batches(subset, batch_size=count, pads=pads,
-                                           mean=config.data.mean, std=config.data.std))
+  spatial = subset.labels.shape[1:]
+  batch = next(input_pipeline.eval_batches(
+      subset, batch_size=count, mean=config.data.mean, std=config.data.std,
+      pads=inference.model_padding(spatial, depth=config.model.depth,
+                                   padding=config.model.padding)))
   images = jax.make_array_from_process_local_data(sharding.replicated(mesh), batch['image'])
-  predict = jax.jit(functools.partial(predict_classes, model=model,
-                                      spatial_shape=subset.labels.shape[1:]),
+  predict = jax.jit(functools.partial(evaluation.predict_probabilities, model=model,
+                                      spatial_shape=spatial),
                     out_shardings=sharding.replicated(mesh))
-  classes = np.asarray(predict(state, images))
+  classes = np.asarray(jnp.argmax(predict(state, images), -1))
   if chief:
     visualize.write_panels(os.path.join(workdir, 'predictions'), subset.images, subset.labels,
                            classes)

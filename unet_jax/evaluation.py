@@ -1,0 +1,100 @@
+"""Evaluation: exact scores over a whole split, for the training loop and for `--mode=eval`.
+
+Scores come from one confusion matrix accumulated over every pixel of the split (Dice, IoU,
+precision, recall, pixel accuracy), so they are set-level numbers, not averages of batch
+averages. Whole images are mirror-padded for the model (inference.model_padding), so a VALID
+net is scored on every pixel too.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+
+from unet_jax import inference
+from unet_jax import input_pipeline
+from unet_jax import metrics as metrics_lib
+from unet_jax import sharding
+
+
+def final_logits(outputs: Any) -> jax.Array:
+  """The prediction of a model: its last head when it returns several (deep supervision)."""
+  return outputs[-1] if isinstance(outputs, (tuple, list)) else outputs
+
+
+def eval_variables(state: Any) -> dict[str, Any]:
+  """Parameters to evaluate: the EMA when the run keeps one, else the trained parameters."""
+  params = state.ema_params if state.ema_params else state.params
+  return {'params': params, 'batch_stats': state.batch_stats}
+
+
+def predict_probabilities(state: Any, images: jax.Array, *, model: Any,
+                          spatial_shape: tuple[int, ...]) -> jax.Array:
+  """Softmax probabilities of mirror-padded images, cropped back to `spatial_shape`."""
+  logits = final_logits(model.apply(eval_variables(state), images, train=False))
+  return jax.nn.softmax(inference.crop_to(logits, spatial_shape), axis=-1)
+
+
+def eval_step(state: Any, batch: dict[str, jax.Array], *, model: Any, num_classes: int
+              ) -> tuple[jax.Array, jax.Array]:
+  """(confusion matrix (C, C), probabilities) of one global batch; padding examples count nowhere.
+
+  The probabilities feed host-side metrics that need more than a confusion matrix.
+  """
+  labels = batch['label']
+  probs = predict_probabilities(state, batch['image'], model=model, spatial_shape=labels.shape[1:])
+  confusion = metrics_lib.confusion_matrix(jnp.argmax(probs, -1), labels, num_classes=num_classes)
+  return confusion, probs
+
+
+def make_eval_fn(model: Any, mesh: jax.sharding.Mesh, num_classes: int) -> Callable:
+  return jax.jit(functools.partial(eval_step, model=model, num_classes=num_classes),
+                 out_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)))
+
+
+def eval_batches(dataset: input_pipeline.Dataset, config: ml_collections.ConfigDict, model: Any,
+                 mesh: jax.sharding.Mesh) -> Iterator[dict[str, np.ndarray]]:
+  local_batch = sharding.check_batch_size(config.eval_batch_size, mesh,
+                                          field='config.eval_batch_size')
+  pads = inference.model_padding(dataset.labels.shape[1:], depth=config.model.depth,
+                                 padding=config.model.padding)
+  return input_pipeline.eval_batches(dataset, batch_size=local_batch, pads=pads,
+                                     mean=config.data.mean, std=config.data.std,
+                                     process_index=jax.process_index(),
+                                     process_count=jax.process_count())
+
+
+def evaluate(eval_fn: Callable, state: Any, dataset: input_pipeline.Dataset,
+             config: ml_collections.ConfigDict, model: Any, mesh: jax.sharding.Mesh,
+             *, extra_metrics: list[Any] = ()) -> dict[str, float]:
+  """Scores over the whole split. `extra_metrics` are host accumulators with
+  `update(probabilities, labels)` and `result() -> dict` fed with this process's examples."""
+  accumulator = metrics_lib.ConfusionAccumulator(len(config.data.class_names))
+  for extra in extra_metrics:
+    extra.reset()
+  for batch in eval_batches(dataset, config, model, mesh):
+    global_batch = sharding.to_global(batch, mesh)
+    confusion, probs = eval_fn(state, global_batch)
+    accumulator.update(confusion)
+    if extra_metrics:  # every process scores the whole batch, so all agree on the result
+      probs = np.asarray(multihost_utils.process_allgather(probs, tiled=True))
+      labels = np.asarray(multihost_utils.process_allgather(global_batch['label'], tiled=True))
+      keep = (labels.reshape(len(labels), -1) != input_pipeline.IGNORE_LABEL).any(1)
+      for extra in extra_metrics:
+        extra.update(probs[keep], labels[keep])
+  scores = accumulator.result(config.data.class_names)
+  for extra in extra_metrics:
+    scores.update(extra.result())
+  return scores
+
+
+def format_scores(scores: dict[str, float], class_names: tuple[str, ...]) -> str:
+  keys = ['pixel_error', *(f'dice_{c}' for c in class_names), *(f'iou_{c}' for c in class_names),
+          'isbi_pixel_error', 'isbi_rand_error', 'isbi_warping_error']
+  return ', '.join(f'{k}={scores[k]:.4f}' for k in keys if k in scores)
