@@ -1,12 +1,16 @@
-r"""The one entry point: trains and evaluates a config into a workdir.
+r"""The one entry point: train (default), evaluate or predict with a config and a workdir.
 
   python launch.py --config=experiments/quickstart.py --workdir=runs/quickstart
   python launch.py --config=experiments/isbi.py:cpu --workdir=runs/isbi_cpu \
       --config.data.directory=../shared/data/isbi2012 --config.num_steps=2000
+  python launch.py --mode=eval --config=... --workdir=... --split=val --checkpoint=best
+  python launch.py --config=experiments/isbi.py:cpu --workdir=runs/sweep --sweep
+  python launch.py --config=experiments/isbi.py:cpu --workdir=runs/cv --config.data.folds=5
 
 Rerunning with the same workdir resumes from its latest checkpoint.
 """
 
+import importlib.util
 import logging
 import sys
 
@@ -15,17 +19,29 @@ from absl import flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+MODES = ('train', 'eval')
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and predictions.',
                     required=True)
+flags.DEFINE_enum('mode', 'train', MODES, 'train (resumes automatically) or eval a checkpoint.')
+flags.DEFINE_bool('sweep', False, "Train every point of the config file's sweep().")
+flags.DEFINE_string('split', 'val', 'eval mode: val, train or all.')
+flags.DEFINE_string('checkpoint', 'best', 'eval mode: best, latest or a step number.')
 config_flags.DEFINE_config_file('config', None, 'Config file, e.g. experiments/isbi.py:cpu.',
                                 lock_config=True)
 FLAGS = flags.FLAGS
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  from unet_jax import train  # pylint: disable=g-import-not-at-top  (after flags: jax config)
+def _sweep_points():
+  path = config_flags.get_config_filename(FLAGS['config'])
+  spec = importlib.util.spec_from_file_location('sweep_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, 'sweep'):
+    raise app.UsageError(f'--sweep: {path} defines no sweep()')
+  return module.sweep()
+
+
+def _show_project_logs():
   # Library INFO chatter (orbax, grain) stays hidden; this project's own progress is shown.
   absl_logging.set_verbosity(absl_logging.WARNING)
   handler = logging.StreamHandler(sys.stderr)
@@ -34,7 +50,22 @@ def main(argv):
   project_log.addHandler(handler)
   project_log.setLevel(logging.INFO)
   project_log.propagate = False
-  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  from unet_jax import runs, train  # pylint: disable=g-import-not-at-top  (after flag parsing)
+  _show_project_logs()
+  config, workdir = FLAGS.config, FLAGS.workdir
+  if FLAGS.mode == 'eval':
+    runs.evaluate_checkpoint(config, workdir, split=FLAGS.split, checkpoint=FLAGS.checkpoint)
+  elif FLAGS.sweep:
+    runs.run_sweep(config, workdir, _sweep_points())
+  elif config.data.folds:
+    runs.run_kfold(config, workdir)
+  else:
+    train.train_and_evaluate(config, workdir)
 
 
 if __name__ == '__main__':

@@ -42,6 +42,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   config.data.source = 'isbi'
   config.data.directory = ''
   config.data.val_indices = (25, 26, 27, 28, 29)
+  config.data.folds = 0  # K ≥ 2: K runs with disjoint contiguous validation folds (launch.py)
   config.data.class_names = ('interior', 'membrane')
   config.data.crop_size = 572  # model input; a VALID net predicts its central 388×388
   config.data.flip = True
@@ -113,3 +114,13 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
     config.optimizer.learning_rate = 2e-3
     config.optimizer.warmup_steps = 50
   return config
+
+
+def sweep() -> list[dict[str, object]]:
+  """`--sweep`: learning rate × width; each point overrides the config given on the command line.
+
+    python launch.py --config=experiments/isbi.py:cpu --workdir=runs/isbi_sweep --sweep \
+        --config.data.directory=../shared/data/isbi2012
+  """
+  from unet_jax.runs import grid  # pylint: disable=g-import-not-at-top
+  return grid(**{'optimizer.learning_rate': [1e-3, 2e-3, 4e-3], 'model.width': [16, 24]})

@@ -42,3 +42,8 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
     config.model.depth = 2
     config.num_overlays = 2
   return config
+
+
+def sweep() -> list[dict[str, object]]:
+  """`--sweep` over the learning rate (two points, so it also serves as a quick check)."""
+  return [{'optimizer.learning_rate': 1e-3}, {'optimizer.learning_rate': 4e-3}]

@@ -57,12 +57,33 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any
   every array lands, so optimizer state comes back as its own types, already sharded.
   """
   step = manager.latest_step()
-  if step is None:
-    return None
+  return None if step is None else restore(manager, step, abstract_state)
+
+
+def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any
+            ) -> tuple[Any, dict[str, Any]]:
+  """(state, extra) of checkpoint `step`, laid out as `abstract_state` says."""
   restored = manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-  logging.getLogger('unet_jax').info('restored checkpoint of step %d from %s', step, manager.directory)
+  logging.getLogger('unet_jax').info('restored checkpoint of step %d from %s', step,
+                                     manager.directory)
   return restored['state'], restored['data']
+
+
+def choose_step(manager: ocp.CheckpointManager, which: str) -> int:
+  """'latest', 'best' (by the manager's metric; the latest if none has metrics) or a step."""
+  steps = manager.all_steps()
+  if not steps:
+    raise FileNotFoundError(f'no checkpoint in {manager.directory}; train first')
+  if which == 'latest':
+    return manager.latest_step()
+  if which == 'best':
+    best = manager.best_step()
+    return manager.latest_step() if best is None else best
+  if which.isdigit() and int(which) in steps:
+    return int(which)
+  raise ValueError(f'--checkpoint={which!r} is not "best", "latest" or one of the saved steps '
+                   f'{sorted(steps)}')
 
 
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:

@@ -94,6 +94,12 @@ def evaluate(eval_fn: Callable, state: Any, dataset: input_pipeline.Dataset,
   return scores
 
 
+def extra_metrics(config: ml_collections.ConfigDict) -> list[Any]:
+  """Host-side accumulators the config asks for beyond the confusion-matrix scores."""
+  del config
+  return []
+
+
 def format_scores(scores: dict[str, float], class_names: tuple[str, ...]) -> str:
   keys = ['pixel_error', *(f'dice_{c}' for c in class_names), *(f'iou_{c}' for c in class_names),
           'isbi_pixel_error', 'isbi_rand_error', 'isbi_warping_error']

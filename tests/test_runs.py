@@ -1,0 +1,123 @@
+"""Drivers over the loop: sweeps, K-fold, checkpoint evaluation, and the launcher's modes."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from experiments import isbi, quickstart
+from unet_jax import runs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_grid_and_random_search_build_points():
+  points = runs.grid(**{'a.b': [1, 2], 'c': ['x', 'y', 'z']})
+  assert len(points) == 6 and {'a.b': 2, 'c': 'z'} in points
+  drawn = runs.random_search(5, seed=3, lr=lambda r: 10 ** r.uniform(-4, -2))
+  assert len(drawn) == 5 and all(1e-4 <= p['lr'] <= 1e-2 for p in drawn)
+  assert drawn == runs.random_search(5, seed=3, lr=lambda r: 10 ** r.uniform(-4, -2))
+  assert len(isbi.sweep()) == 6
+
+
+def test_overrides_copy_the_config_and_reject_unknown_paths():
+  config = quickstart.get_config('smoke')
+  changed = runs.apply_overrides(config, {'model.width': 7, 'optimizer.learning_rate': 0.5})
+  assert changed.model.width == 7 and config.model.width == 4
+  with pytest.raises(ValueError, match="'model.widht': config has no field 'widht'"):
+    runs.apply_overrides(config, {'model.widht': 7})
+  with pytest.raises(ValueError, match="config has no field 'modle'"):
+    runs.apply_overrides(config, {'modle.width': 7})
+
+
+def test_kfold_indices_are_disjoint_contiguous_and_cover():
+  folds = runs.kfold_indices(30, 4)
+  assert [len(f) for f in folds] == [8, 8, 7, 7]
+  assert sorted(i for f in folds for i in f) == list(range(30))
+  assert all(list(f) == list(range(f[0], f[-1] + 1)) for f in folds)
+  with pytest.raises(ValueError, match='config.data.folds=1'):
+    runs.kfold_indices(30, 1)
+
+
+def _fake_train(scores_by_lr):
+  calls = []
+
+  def train_fn(config, workdir):
+    calls.append((config, workdir))
+    return {'dice_membrane': scores_by_lr[config.optimizer.learning_rate], 'pixel_error': 0.1}
+
+  return train_fn, calls
+
+
+def test_sweep_ranks_points_and_writes_tables(tmp_path):
+  train_fn, calls = _fake_train({1e-3: 0.7, 4e-3: 0.9})
+  rows = runs.run_sweep(quickstart.get_config('smoke'), str(tmp_path), quickstart.sweep(),
+                        train_fn=train_fn)
+  assert [r['optimizer.learning_rate'] for r in rows] == [4e-3, 1e-3]
+  assert [w for _, w in calls] == [str(tmp_path / '000'), str(tmp_path / '001')]
+  table = list(csv.DictReader(open(tmp_path / 'sweep_results.csv')))
+  assert table[0]['run'] == '001' and float(table[0]['dice_membrane']) == 0.9
+  assert '| run | optimizer.learning_rate | dice_membrane |' in (
+      tmp_path / 'sweep_results.md').read_text()
+
+
+def test_two_point_sweep_really_trains(tmp_path):
+  config = quickstart.get_config('smoke')
+  rows = runs.run_sweep(config, str(tmp_path), quickstart.sweep())
+  assert len(rows) == 2
+  for row in rows:
+    final = json.load(open(tmp_path / row['run'] / 'final_metrics.json'))
+    assert final['dice_membrane'] == row['dice_membrane']
+
+
+def test_two_fold_run_reports_mean_and_std(tmp_path):
+  config = quickstart.get_config('smoke')
+  config.data.folds = 2
+  result = runs.run_kfold(config, str(tmp_path))
+  values = [f['dice_membrane'] for f in result['folds']]
+  assert result['summary']['dice_membrane']['mean'] == pytest.approx(np.mean(values))
+  assert result['summary']['dice_membrane']['std'] == pytest.approx(np.std(values))
+  used = [json.load(open(tmp_path / f'fold_{k}' / 'config.json'))['data']['val_indices']
+          for k in range(2)]
+  assert used == [[0, 1, 2], [3, 4, 5]]
+  assert 'mean ± std' in (tmp_path / 'kfold.md').read_text()
+
+
+def _launch(*args):
+  command = [sys.executable, os.path.join(ROOT, 'launch.py'),
+             '--config=' + os.path.join(ROOT, 'experiments/quickstart.py') + ':smoke', *args]
+  return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def test_launcher_trains_with_overrides_then_evaluates_a_checkpoint(tmp_path):
+  done = _launch(f'--workdir={tmp_path}', '--config.model.width=2', '--config.num_steps=3')
+  assert done.returncode == 0, done.stderr
+  assert json.load(open(tmp_path / 'config.json'))['model']['width'] == 2
+  final = json.load(open(tmp_path / 'final_metrics.json'))
+  assert 'final (step 3)' in done.stderr
+  evaluated = _launch(f'--workdir={tmp_path}', '--config.model.width=2', '--config.num_steps=3',
+                      '--mode=eval', '--split=val', '--checkpoint=latest')
+  assert evaluated.returncode == 0, evaluated.stderr
+  scores = json.load(open(tmp_path / 'eval_val_step3.json'))
+  assert scores['dice_membrane'] == final['dice_membrane']
+  bad = _launch(f'--workdir={tmp_path}', '--config.model.widht=2')
+  assert bad.returncode != 0 and 'widht' in bad.stderr
+
+
+def test_evaluate_checkpoint_on_other_splits_and_errors(tmp_path):
+  config = quickstart.get_config('smoke')
+  from unet_jax import train  # pylint: disable=g-import-not-at-top
+  train.train_and_evaluate(config, str(tmp_path))
+  all_scores = runs.evaluate_checkpoint(config, str(tmp_path), split='all', checkpoint='best')
+  assert 0 <= all_scores['pixel_error'] <= 1
+  assert (tmp_path / 'eval_all_step4.json').exists() or (tmp_path / 'eval_all_step2.json').exists()
+  with pytest.raises(ValueError, match="--split='test' is not one of"):
+    runs.evaluate_checkpoint(config, str(tmp_path), split='test')
+  with pytest.raises(ValueError, match='--checkpoint=.99. is not'):
+    runs.evaluate_checkpoint(config, str(tmp_path), checkpoint='99')
+  with pytest.raises(FileNotFoundError, match='no checkpoint'):
+    runs.evaluate_checkpoint(config, str(tmp_path / 'empty'))

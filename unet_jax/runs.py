@@ -1,0 +1,177 @@
+"""Drivers over the one training loop: evaluate a checkpoint, sweeps, K-fold cross-validation.
+
+A sweep is a list of override dicts (dotted config paths → values) that a config file returns
+from `sweep()`; `grid` and `random_search` build such lists. Each point trains in a workdir of its
+own, so a sweep interrupted half way resumes where it stopped. Results are written as CSV and
+markdown, ranked by the monitored metric (config.checkpoint.best_metric).
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import logging
+import os
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+
+from unet_jax import checkpointing
+from unet_jax import evaluation
+from unet_jax import input_pipeline
+from unet_jax import train
+
+log = logging.getLogger('unet_jax')
+SPLITS = ('val', 'train', 'all')
+TrainFn = Callable[[ml_collections.ConfigDict, str], dict[str, float]]
+
+
+def grid(**axes: Sequence[Any]) -> list[dict[str, Any]]:
+  """Every combination: grid(**{'optimizer.learning_rate': [1e-3, 1e-4], 'model.width': [8]})."""
+  names = list(axes)
+  return [dict(zip(names, values)) for values in itertools.product(*axes.values())]
+
+
+def random_search(count: int, *, seed: int = 0,
+                  **axes: Callable[[np.random.Generator], Any]) -> list[dict[str, Any]]:
+  """`count` points, each axis drawn by its sampler, e.g. lambda r: 10 ** r.uniform(-4, -2)."""
+  rng = np.random.default_rng(seed)
+  return [{name: _plain(sample(rng)) for name, sample in axes.items()} for _ in range(count)]
+
+
+def _plain(value: Any) -> Any:
+  return value.item() if isinstance(value, np.generic) else value
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any]
+                    ) -> ml_collections.ConfigDict:
+  """A copy of `config` with dotted-path overrides; an unknown path is an error naming it."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  for path, value in overrides.items():
+    *parents, leaf = path.split('.')
+    node = config
+    for part in parents:
+      if part not in node:
+        raise ValueError(f'sweep override {path!r}: config has no field {part!r}')
+      node = node[part]
+    if leaf not in node:
+      raise ValueError(f'sweep override {path!r}: config has no field {leaf!r}; '
+                       f'fields there: {sorted(node.keys())}')
+    node[leaf] = value
+  return config
+
+
+def _rank(rows: list[dict[str, Any]], config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
+  metric, maximise = config.checkpoint.best_metric, config.checkpoint.best_mode == 'max'
+
+  def key(row):
+    value = row.get(metric, float('nan'))
+    return (not np.isfinite(value), -value if maximise else value)
+
+  return sorted(rows, key=key)
+
+
+def write_table(rows: list[dict[str, Any]], path_stem: str, *, columns: Sequence[str]) -> None:
+  """`path_stem`.csv and `path_stem`.md with the given columns in order."""
+  with open(path_stem + '.csv', 'w', newline='', encoding='utf-8') as f:
+    writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction='ignore')
+    writer.writeheader()
+    writer.writerows(rows)
+  fmt = lambda v: f'{v:.4f}' if isinstance(v, float) else str(v)
+  lines = ['| ' + ' | '.join(columns) + ' |', '|' + '---|' * len(columns)]
+  lines += ['| ' + ' | '.join(fmt(row.get(c, '')) for c in columns) + ' |' for row in rows]
+  with open(path_stem + '.md', 'w', encoding='utf-8') as f:
+    f.write('\n'.join(lines) + '\n')
+
+
+def _score_columns(config: ml_collections.ConfigDict, rows: list[dict[str, Any]]) -> list[str]:
+  first = config.checkpoint.best_metric
+  seen = sorted({k for r in rows for k, v in r.items() if isinstance(v, float)} - {first})
+  return [first, *seen]
+
+
+def run_sweep(config: ml_collections.ConfigDict, workdir: str,
+              points: Sequence[Mapping[str, Any]], *, train_fn: TrainFn = train.train_and_evaluate
+              ) -> list[dict[str, Any]]:
+  """Trains each point in `workdir/NNN`; returns rows ranked by the monitored metric."""
+  if not points:
+    raise ValueError('sweep() returned no points')
+  configs = [apply_overrides(config, p) for p in points]  # every override checked up front
+  rows = []
+  for index, (point, point_config) in enumerate(zip(points, configs)):
+    run_dir = os.path.join(workdir, f'{index:03d}')
+    log.info('sweep point %d/%d: %s', index + 1, len(points), dict(point))
+    scores = train_fn(point_config, run_dir)
+    rows.append({'run': f'{index:03d}', **{k: _plain(v) for k, v in point.items()}, **scores})
+  ranked = _rank(rows, config)
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    columns = ['run', *points[0].keys(), *_score_columns(config, rows)]
+    write_table(ranked, os.path.join(workdir, 'sweep_results'), columns=columns)
+  return ranked
+
+
+def kfold_indices(count: int, folds: int) -> list[tuple[int, ...]]:
+  """`folds` disjoint, contiguous validation folds covering range(count) (nearly equal sizes).
+
+  Contiguous folds keep neighbouring slices of a stack together, so a validation slice never
+  has its near-duplicate neighbour in training.
+  """
+  if not 2 <= folds <= count:
+    raise ValueError(f'config.data.folds={folds} must be between 2 and the number of examples '
+                     f'({count})')
+  return [tuple(int(i) for i in part) for part in np.array_split(np.arange(count), folds)]
+
+
+def run_kfold(config: ml_collections.ConfigDict, workdir: str, *,
+              train_fn: TrainFn = train.train_and_evaluate) -> dict[str, Any]:
+  """Trains config.data.folds runs in `workdir/fold_K`; writes and returns mean ± std."""
+  count = len(input_pipeline.load_dataset(config.data))
+  rows = []
+  for fold, val in enumerate(kfold_indices(count, config.data.folds)):
+    fold_config = apply_overrides(config, {'data.val_indices': val, 'data.folds': 0})
+    log.info('fold %d/%d: validation examples %s', fold + 1, config.data.folds, val)
+    scores = train_fn(fold_config, os.path.join(workdir, f'fold_{fold}'))
+    rows.append({'fold': fold, **scores})
+  keys = [k for k in _score_columns(config, rows) if all(k in r for r in rows)]
+  summary = {k: {'mean': float(np.mean([r[k] for r in rows])),
+                 'std': float(np.std([r[k] for r in rows]))} for k in keys}
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, 'kfold.json'), 'w', encoding='utf-8') as f:
+      json.dump({'folds': rows, 'summary': summary}, f, indent=2)
+    table = rows + [{'fold': 'mean ± std',
+                     **{k: f'{v["mean"]:.4f} ± {v["std"]:.4f}' for k, v in summary.items()}}]
+    write_table(table, os.path.join(workdir, 'kfold'), columns=['fold', *keys])
+  log.info('%d-fold %s: %.4f ± %.4f', config.data.folds, config.checkpoint.best_metric,
+           summary[keys[0]]['mean'], summary[keys[0]]['std'])
+  return {'folds': rows, 'summary': summary}
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *, split: str = 'val',
+                        checkpoint: str = 'best') -> dict[str, float]:
+  """Scores a saved checkpoint ('best', 'latest' or a step number) on a split; writes JSON."""
+  if split not in SPLITS:
+    raise ValueError(f'--split={split!r} is not one of {SPLITS}')
+  dataset = input_pipeline.load_dataset(config.data)
+  train_set, val_set = input_pipeline.split(dataset, config.data.val_indices)
+  subset = {'val': val_set, 'train': train_set, 'all': dataset}[split]
+  setup = train.build(config, input_channels=dataset.images.shape[-1],
+                      spatial_rank=dataset.labels.ndim - 1)
+  manager = train.make_manager(config, workdir)
+  step = checkpointing.choose_step(manager, checkpoint)
+  state, _ = checkpointing.restore(manager, step, setup.abstract_state)
+  eval_fn = evaluation.make_eval_fn(setup.model, setup.mesh, len(config.data.class_names))
+  scores = evaluation.evaluate(eval_fn, state, subset, config, setup.model, setup.mesh,
+                               extra_metrics=evaluation.extra_metrics(config))
+  if jax.process_index() == 0:
+    path = os.path.join(workdir, f'eval_{split}_step{step}.json')
+    with open(path, 'w', encoding='utf-8') as f:
+      json.dump({'step': step, 'split': split, **scores}, f, indent=2, sort_keys=True)
+    log.info('checkpoint %d on %s (%d examples): %s', step, split, len(subset),
+             evaluation.format_scores(scores, config.data.class_names))
+  manager.close()
+  return scores
