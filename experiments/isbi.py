@@ -45,8 +45,16 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   config.data.folds = 0  # K ≥ 2: K runs with disjoint contiguous validation folds (launch.py)
   config.data.class_names = ('interior', 'membrane')
   config.data.crop_size = 572  # model input; a VALID net predicts its central 388×388
-  config.data.flip = True
-  config.data.rot90 = True
+  # Augmentation ops in order (see unet_jax/transforms.py OPS); geometry is fused with the crop.
+  config.data.augment = ('elastic(p=0.9, sigma=10, grid=3)|rotate(p=0.5, degrees=15)|flip|rot90|'
+                         'brightness(p=0.3, delta=0.1)|contrast(p=0.3, min=0.8, max=1.2)')
+  config.data.interpolation_order = 1  # images and weights; labels are always nearest
+  config.data.crop = 'random'  # or 'foreground': centre drawn on foreground_class with foreground_p
+  config.data.foreground_class = 1
+  config.data.foreground_p = 0.5
+  # The paper's weight map w = w_c + w0·exp(-(d1 + d2)² / 2σ²), fed to the cross-entropy.
+  config.data.weight_map = ml_collections.ConfigDict(
+      dict(enabled=True, w0=10.0, sigma=5.0, class_weights='balanced', object_class=0))
   config.data.mean = 0.5  # image = (uint8 / 255 - mean) / std
   config.data.std = 0.2
   config.data.num_workers = 0  # grain multiprocessing workers (0: threads in this process)
@@ -68,7 +76,8 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   config.model.dtype = 'float32'
 
   config.loss = ml_collections.ConfigDict()
-  config.loss.terms = ml_collections.ConfigDict({'cross_entropy': 1.0, 'dice': 1.0})
+  # The paper: pixel-weighted cross-entropy alone. Weights of further terms (e.g. dice) add them.
+  config.loss.terms = ml_collections.ConfigDict({'cross_entropy': 1.0})
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = 'adam'
@@ -111,6 +120,9 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
     config.model.padding = 'SAME'
     config.model.norm = 'batch'
     config.model.dropout_rate = 0.0
+    config.data.augment = 'flip|rot90'
+    config.data.weight_map.enabled = False
+    config.loss.terms = ml_collections.ConfigDict({'cross_entropy': 1.0, 'dice': 1.0})
     config.optimizer.learning_rate = 2e-3
     config.optimizer.warmup_steps = 50
   return config

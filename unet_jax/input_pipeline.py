@@ -22,6 +22,7 @@ import numpy as np
 
 from unet_jax import procedural
 from unet_jax import transforms as T
+from unet_jax import weight_maps
 
 ISBI_FILES = {'images': 'train-volume.tif', 'labels': 'train-labels.tif'}
 SOURCES = ('procedural', 'isbi')
@@ -30,17 +31,36 @@ IGNORE_LABEL = -1  # marks the padding examples of the last evaluation batch
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-  """Images `(N, *spatial, C) uint8` and labels `(N, *spatial) uint8` class ids."""
+  """Images `(N, *spatial, C) uint8`, labels `(N, *spatial) uint8` class ids and, optionally,
+  pixel weights `(N, *spatial) float32` (the paper's border weight map, cached per image)."""
 
   images: np.ndarray
   labels: np.ndarray
+  weights: np.ndarray | None = None
 
   def __len__(self) -> int:
     return len(self.images)
 
   def subset(self, indices: Sequence[int]) -> 'Dataset':
     indices = np.asarray(indices, dtype=np.int64)
-    return Dataset(self.images[indices], self.labels[indices])
+    weights = None if self.weights is None else self.weights[indices]
+    return Dataset(self.images[indices], self.labels[indices], weights)
+
+
+def with_weight_maps(dataset: Dataset, config: Any) -> Dataset:
+  """Adds the paper's weight map (config.data.weight_map) computed once per image.
+
+  Objects are the connected components of `object_class` (for ISBI the cell interior, class 0),
+  so the large weights fall on the thin membranes that separate touching cells.
+  """
+  if not config.enabled:
+    return dataset
+  weights = np.stack([
+      weight_maps.border_weight_map(
+          weight_maps.instances_from_binary(label == config.object_class), w0=config.w0,
+          sigma=config.sigma, class_weights=config.class_weights,
+          background=0) for label in dataset.labels])
+  return dataclasses.replace(dataset, weights=weights.astype(np.float32))
 
 
 def _read_tiff_stack(path: str, what: str) -> np.ndarray:
@@ -93,11 +113,14 @@ def load_procedural(config: Any) -> Dataset:
 
 
 def load_dataset(data_config: Any) -> Dataset:
+  """The whole labelled dataset of `config.data`, with weight maps when configured."""
   if data_config.source == 'isbi':
-    return load_isbi(data_config.directory)
-  if data_config.source == 'procedural':
-    return load_procedural(data_config.procedural)
-  raise ValueError(f'config.data.source={data_config.source!r} is not one of {SOURCES}')
+    dataset = load_isbi(data_config.directory)
+  elif data_config.source == 'procedural':
+    dataset = load_procedural(data_config.procedural)
+  else:
+    raise ValueError(f'config.data.source={data_config.source!r} is not one of {SOURCES}')
+  return with_weight_maps(dataset, data_config.weight_map)
 
 
 def split(dataset: Dataset, val_indices: Sequence[int]) -> tuple[Dataset, Dataset]:
@@ -122,7 +145,10 @@ class _ExampleSource:
     return len(self._dataset)
 
   def __getitem__(self, index: int) -> T.Example:
-    return {'image': self._dataset.images[index], 'label': self._dataset.labels[index]}
+    example = {'image': self._dataset.images[index], 'label': self._dataset.labels[index]}
+    if self._dataset.weights is not None:
+      example['weight'] = self._dataset.weights[index]
+    return example
 
 
 def train_iterator(dataset: Dataset, data_config: Any, *, batch_size: int, border: int,
@@ -132,7 +158,7 @@ def train_iterator(dataset: Dataset, data_config: Any, *, batch_size: int, borde
 
   Args:
     dataset: the training split.
-    data_config: `config.data` (crop size, augmentation switches, normalisation, workers).
+    data_config: `config.data` (crop size, augmentation spec, normalisation, workers).
     batch_size: examples per batch on this process.
     border: mirror padding per side (the pixels a VALID net trims; 0 for SAME).
     seed: shuffle and augmentation seed; the same seed gives the same batches.
@@ -146,8 +172,10 @@ def train_iterator(dataset: Dataset, data_config: Any, *, batch_size: int, borde
   ds = grain.MapDataset.source(_ExampleSource(dataset))
   ds = ds.slice(slice(process_index, None, process_count))
   ds = ds.shuffle(seed=seed).repeat(None)
-  ops = T.train_transforms(crop_size=crop_size, border=border, flip=data_config.flip,
-                           rot90=data_config.rot90, mean=data_config.mean, std=data_config.std)
+  ops = T.build_train_transforms(
+      data_config.augment, crop_size=crop_size, border=border, mean=data_config.mean,
+      std=data_config.std, crop=data_config.crop, foreground_class=data_config.foreground_class,
+      foreground_p=data_config.foreground_p, order=data_config.interpolation_order)
   for i, op in enumerate(ops):
     ds = ds.random_map(op, seed=seed + 1 + i) if isinstance(op, grain.transforms.RandomMap) \
         else ds.map(op)
