@@ -48,6 +48,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   # Augmentation ops in order (see unet_jax/transforms.py OPS); geometry is fused with the crop.
   config.data.augment = ('elastic(p=0.9, sigma=10, grid=3)|rotate(p=0.5, degrees=15)|flip|rot90|'
                          'brightness(p=0.3, delta=0.1)|contrast(p=0.3, min=0.8, max=1.2)')
+  config.data.augment_on = 'host'  # or 'device': the same ops inside the jitted train step
   config.data.interpolation_order = 1  # images and weights; labels are always nearest
   config.data.crop = 'random'  # or 'foreground': centre drawn on foreground_class with foreground_p
   config.data.foreground_class = 1

@@ -230,3 +230,21 @@ def test_sigterm_to_the_launcher_exits_zero_with_a_checkpoint(tmp_path):
   assert process.returncode == 0, out
   assert 'SIGTERM at step' in out and 'rerun the same command to resume' in out
   assert any(d.isdigit() for d in os.listdir(workdir / 'checkpoints'))
+
+
+def test_device_augmentation_runs_inside_the_step_and_changes_the_update():
+  batches = _batches(1)
+  plain = _smoke()
+  plain.optimizer.warmup_steps = 0  # a first step with learning rate 0 would change nothing
+  host, _ = _run_steps(plain, batches, devices=1)
+  config = _smoke()
+  config.optimizer.warmup_steps = 0
+  config.data.augment = 'flip|rot90|brightness(p=1.0, delta=0.2)'
+  config.data.augment_on = 'device'
+  device, metrics = _run_steps(config, batches, devices=1)
+  assert np.isfinite(metrics[0]['loss'])
+  diff = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), host.params, device.params)
+  assert max(jax.tree.leaves(diff)) > 0
+  config.data.augment_on = 'gpu'
+  with pytest.raises(ValueError, match="config.data.augment_on='gpu' is not one of"):
+    train.check_config(config)

@@ -172,8 +172,9 @@ def train_iterator(dataset: Dataset, data_config: Any, *, batch_size: int, borde
   ds = grain.MapDataset.source(_ExampleSource(dataset))
   ds = ds.slice(slice(process_index, None, process_count))
   ds = ds.shuffle(seed=seed).repeat(None)
+  # With augment_on='device' the host only crops and normalises; the step does the rest.
   ops = T.build_train_transforms(
-      data_config.augment, crop_size=crop_size, border=border, mean=data_config.mean,
+      data_config.augment if data_config.augment_on == 'host' else '', crop_size=crop_size, border=border, mean=data_config.mean,
       std=data_config.std, crop=data_config.crop, foreground_class=data_config.foreground_class,
       foreground_p=data_config.foreground_p, order=data_config.interpolation_order)
   for i, op in enumerate(ops):
@@ -183,8 +184,16 @@ def train_iterator(dataset: Dataset, data_config: Any, *, batch_size: int, borde
   iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=data_config.num_threads,
                                                  prefetch_buffer_size=data_config.prefetch))
   if data_config.num_workers > 0:
+    _parse_absl_flags()
     iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_config.num_workers))
   return iter(iter_ds)
+
+
+def _parse_absl_flags() -> None:
+  # grain's worker processes read absl flags; outside absl.app.run nothing has parsed them.
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS(['unet_jax'], known_only=True)
 
 
 def eval_batches(dataset: Dataset, *, batch_size: int, pads: Sequence[tuple[int, int]], mean: float,

@@ -30,6 +30,7 @@ import optax
 from flax import struct
 
 from unet_jax import checkpointing
+from unet_jax import device_augment
 from unet_jax import evaluation
 from unet_jax import inference
 from unet_jax import input_pipeline
@@ -43,6 +44,7 @@ from unet_jax.models import build_model, output_size
 
 log = logging.getLogger('unet_jax')
 NONFINITE_POLICIES = ('halt', 'skip')
+AUGMENT_ON = ('host', 'device')
 
 
 class TrainState(struct.PyTreeNode):
@@ -87,14 +89,21 @@ def _loss_and_grads(params, batch_stats, batch, rng, *, model, loss_fn):
 def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *,
                model: nn.Module, tx: optax.GradientTransformation, loss_fn: Callable,
                schedule: optax.Schedule, accum_steps: int = 1, ema_decay: float = 0.0,
-               skip_nonfinite: bool = False) -> tuple[TrainState, dict[str, jax.Array]]:
+               skip_nonfinite: bool = False, augment: Callable | None = None
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on a global batch.
+
+  `augment(rng, batch) -> batch`, when given, augments the batch on the device first (for hosts
+  with few CPU cores per accelerator).
 
   With `accum_steps` > 1 the batch is processed as that many equal micro-batches whose
   gradients are averaged: the same update as the whole batch (for losses that average over
   examples, and without batch norm) in a fraction of the activation memory.
   """
   rng = jax.random.fold_in(rng, state.step)
+  if augment is not None:
+    augment_rng, rng = jax.random.split(rng)
+    batch = augment(augment_rng, batch)
   grad_fn = functools.partial(_loss_and_grads, model=model, loss_fn=loss_fn)
   if accum_steps == 1:
     loss, parts, accuracy, batch_stats, grads = grad_fn(state.params, state.batch_stats, batch, rng)
@@ -164,6 +173,9 @@ def check_config(config: ml_collections.ConfigDict) -> int:
       raise ValueError(f'config.{field}={config[field]} must be ≥ 1')
   if config.nonfinite not in NONFINITE_POLICIES:
     raise ValueError(f'config.nonfinite={config.nonfinite!r} is not one of {NONFINITE_POLICIES}')
+  if config.data.augment_on not in AUGMENT_ON:
+    raise ValueError(f'config.data.augment_on={config.data.augment_on!r} is not one of '
+                     f'{AUGMENT_ON}')
   accum = config.optimizer.grad_accum_steps
   if accum < 1 or config.batch_size % accum:
     raise ValueError(f'config.optimizer.grad_accum_steps={accum} must be ≥ 1 and divide '
@@ -196,7 +208,10 @@ def make_step_fn(config: ml_collections.ConfigDict, setup: Setup) -> Callable:
       train_step, model=setup.model, tx=setup.tx, schedule=setup.schedule,
       loss_fn=losses.make_loss(dict(config.loss.terms)),
       accum_steps=config.optimizer.grad_accum_steps, ema_decay=config.optimizer.ema_decay,
-      skip_nonfinite=config.nonfinite == 'skip')
+      skip_nonfinite=config.nonfinite == 'skip',
+      augment=functools.partial(device_augment.augment_batch, spec=config.data.augment,
+                                mean=config.data.mean, std=config.data.std)
+      if config.data.augment_on == 'device' else None)
   mesh = setup.mesh
   return jax.jit(step, in_shardings=(setup.state_sharding, sharding.batch_sharding(mesh),
                                      sharding.replicated(mesh)),
