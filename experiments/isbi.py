@@ -79,6 +79,14 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   config.loss = ml_collections.ConfigDict()
   # The paper: pixel-weighted cross-entropy alone. Weights of further terms (e.g. dice) add them.
   config.loss.terms = ml_collections.ConfigDict({'cross_entropy': 1.0})
+  # Keyword options per term, e.g. {'focal': {'gamma': 2.0}}; see unet_jax/losses.py LOSSES.
+  config.loss.options = ml_collections.ConfigDict()
+  config.loss.deep_supervision_weights = ml_collections.FieldReference(None, field_type=tuple)
+
+  config.eval = ml_collections.ConfigDict()
+  config.eval.isbi_metrics = True  # challenge pixel/Rand/warping errors on the membrane map
+  config.eval.membrane_class = 1
+  config.eval.hausdorff_classes = ()  # e.g. (1,): Hausdorff and HD95 of the membrane class
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = 'adam'

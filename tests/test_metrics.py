@@ -9,7 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scipy import ndimage
+import skimage.metrics
 
+from unet_jax import distance_metrics
 from unet_jax import metrics
 
 # Eager dispatch compiles every primitive per new shape, which is slow on CPU.
@@ -227,3 +230,146 @@ def test_accumulator_reset_and_shape_checks():
   lazy.reset()
   with pytest.raises(ValueError):
     _ = lazy.total
+
+
+# --- Hausdorff distances ---------------------------------------------------------------------
+
+
+def _blobs(seed, shape, count=3, threshold=0.6):
+  """Random smooth blobs: a thresholded, blurred noise field."""
+  rng = np.random.default_rng(seed)
+  field = ndimage.gaussian_filter(rng.random(shape), sigma=max(shape) / 8)
+  field = (field - field.min()) / np.ptp(field)
+  return field > threshold if count else np.zeros(shape, bool)
+
+
+def _boundary_by_shifts(mask):
+  """Mask pixels with a face neighbour outside the mask or the image, by explicit shifts."""
+  padded = np.pad(mask, 1, constant_values=False)
+  inner = tuple(slice(1, -1) for _ in range(mask.ndim))
+  outside = np.zeros(mask.shape, bool)
+  for axis in range(mask.ndim):
+    for step in (-1, 1):
+      outside |= ~np.roll(padded, step, axis=axis)[inner]
+  return mask & outside
+
+
+def _brute_force_hd(a, b, percentile, spacing):
+  """Percentile Hausdorff distance from all pairwise point distances."""
+  spacing = np.asarray(spacing, np.float64)
+  pa, pb = np.argwhere(a) * spacing, np.argwhere(b) * spacing
+  pairwise = np.sqrt(((pa[:, None, :] - pb[None, :, :]) ** 2).sum(-1))
+  return max(np.percentile(pairwise.min(1), percentile), np.percentile(pairwise.min(0), percentile))
+
+
+@pytest.mark.parametrize('shape', [(40, 36), (12, 14, 10)], ids=['2d', '3d'])
+def test_hausdorff_of_masks_matches_skimage(shape):
+  a, b = _blobs(0, shape), _blobs(1, shape)
+  assert a.any() and b.any() and not np.array_equal(a, b)
+  got = distance_metrics.hausdorff_distance(a, b, point_set='mask')
+  assert got == pytest.approx(skimage.metrics.hausdorff_distance(a, b), rel=1e-12)
+
+
+@pytest.mark.parametrize('shape', [(40, 36), (12, 14, 10)], ids=['2d', '3d'])
+def test_hausdorff_of_boundaries_matches_skimage_on_boundaries(shape):
+  a, b = _blobs(2, shape), _blobs(3, shape)
+  np.testing.assert_array_equal(distance_metrics.mask_boundary(a), _boundary_by_shifts(a))
+  want = skimage.metrics.hausdorff_distance(_boundary_by_shifts(a), _boundary_by_shifts(b))
+  assert distance_metrics.hausdorff_distance(a, b) == pytest.approx(want, rel=1e-12)
+
+
+def test_boundary_and_mask_hausdorff_differ_when_the_far_point_is_inside_a_mask():
+  ring = np.zeros((21, 21), bool)
+  ring[1:20, 1:20] = True
+  ring[2:19, 2:19] = False  # a one-pixel square ring on rows and columns 1 and 19
+  square = np.zeros_like(ring)
+  square[3:18, 3:18] = True  # filled, two pixels inside the ring
+  # As sets, the square's centre (10, 10) is 9 pixels from the ring.
+  assert distance_metrics.hausdorff_distance(square, ring, point_set='mask') == 9.0
+  # Between boundaries, the worst is a ring corner to the square's corner: sqrt(2^2 + 2^2).
+  assert distance_metrics.hausdorff_distance(square, ring) == pytest.approx(np.sqrt(8))
+
+
+@pytest.mark.parametrize('spacing', [(1.0, 1.0), (2.0, 0.5)])
+@pytest.mark.parametrize('point_set', ['boundary', 'mask'])
+def test_hd95_matches_brute_force_2d(spacing, point_set):
+  a, b = _blobs(4, (18, 16), threshold=0.5), _blobs(5, (18, 16), threshold=0.55)
+  sa, sb = (a, b) if point_set == 'mask' else (_boundary_by_shifts(a), _boundary_by_shifts(b))
+  for percentile in (95.0, 100.0):
+    got = distance_metrics.hausdorff_distance(a, b, percentile=percentile, spacing=spacing,
+                                              point_set=point_set)
+    assert got == pytest.approx(_brute_force_hd(sa, sb, percentile, spacing), rel=1e-12)
+
+
+def test_hd95_matches_brute_force_anisotropic_3d():
+  a, b = _blobs(6, (6, 10, 9), threshold=0.5), _blobs(7, (6, 10, 9), threshold=0.5)
+  spacing = (5.0, 1.0, 1.5)
+  got = distance_metrics.hausdorff_distance(a, b, percentile=95, spacing=spacing)
+  want = _brute_force_hd(_boundary_by_shifts(a), _boundary_by_shifts(b), 95, spacing)
+  assert got == pytest.approx(want, rel=1e-12)
+  # The slice spacing matters: the isotropic answer differs.
+  assert distance_metrics.hausdorff_distance(a, b, percentile=95) != pytest.approx(got)
+
+
+def test_hausdorff_hand_made_and_empty_cases():
+  a = np.zeros((7, 5), bool)
+  b = np.zeros((7, 5), bool)
+  a[1, 1], b[4, 1] = True, True
+  assert distance_metrics.hausdorff_distance(a, b) == 3.0
+  assert distance_metrics.hausdorff_distance(a, b, spacing=(2.0, 1.0)) == 6.0
+  empty = np.zeros_like(a)
+  assert distance_metrics.hausdorff_distance(empty, empty) == 0.0
+  assert distance_metrics.hausdorff_distance(a, empty) == math.inf
+  assert distance_metrics.hausdorff_distance(empty, b, percentile=95) == math.inf
+  assert skimage.metrics.hausdorff_distance(a, empty) == math.inf  # the same convention
+
+
+def test_hausdorff_validation():
+  a = np.ones((4, 4), bool)
+  with pytest.raises(ValueError, match='does not match'):
+    distance_metrics.hausdorff_distance(a, np.ones((4, 5), bool))
+  with pytest.raises(ValueError, match='percentile'):
+    distance_metrics.hausdorff_distance(a, a, percentile=0)
+  with pytest.raises(ValueError, match='spacing'):
+    distance_metrics.hausdorff_distance(a, a, spacing=(1.0, 1.0, 1.0))
+  with pytest.raises(ValueError, match='point_set'):
+    distance_metrics.hausdorff_distance(a, a, point_set='surface')
+  with pytest.raises(ValueError, match='classes'):
+    distance_metrics.HausdorffAccumulator(['a', 'b'], classes=[2])
+  with pytest.raises(ValueError, match='spacing must hold 2'):
+    distance_metrics.HausdorffAccumulator(['a', 'b'], spacing=(1.0, 1.0, 1.0)).update(
+        np.zeros((1, 4, 4), np.int32), np.zeros((1, 4, 4), np.int32))
+  with pytest.raises(ValueError, match='integer'):
+    distance_metrics.HausdorffAccumulator(['a', 'b']).update(
+        np.zeros((1, 4, 4), np.float32), np.zeros((1, 4, 4), np.int32))
+
+
+def test_hausdorff_accumulator_averages_per_image_distances():
+  names = ['bg', 'cell', 'border']
+  rng = np.random.default_rng(8)
+  labels = np.stack([_blobs(s, (20, 22)).astype(np.int32) + 2 * _blobs(s + 10, (20, 22))
+                     for s in range(4)]).clip(0, 2).astype(np.int32)
+  predictions = np.roll(labels, shift=1, axis=2)
+  predictions[1][predictions[1] == 1] = 0  # class 1 missing from one prediction: inf
+  labels[0, :2] = 255  # ignored rows are in neither mask
+  accumulator = distance_metrics.HausdorffAccumulator(names, classes=[1, 2])
+  accumulator.update(predictions[:2], labels[:2])
+  accumulator.update(predictions[2:], labels[2:])
+  got = accumulator.result()
+  assert set(got) == {'hd_cell', 'hd95_cell', 'hd_cell_inf_images', 'hd_border', 'hd95_border',
+                      'hd_border_inf_images'}
+  for c, name in ((1, 'cell'), (2, 'border')):
+    hd, hd95 = [], []
+    for p, l in zip(predictions, labels):
+      keep = (l >= 0) & (l < 3)
+      a, b = (p == c) & keep, (l == c) & keep
+      hd.append(skimage.metrics.hausdorff_distance(_boundary_by_shifts(a),
+                                                   _boundary_by_shifts(b)))
+      hd95.append(distance_metrics.hausdorff_distance(a, b, percentile=95))
+    np.testing.assert_allclose(accumulator.per_image[f'hd_{name}'], hd, rtol=1e-12)
+    assert got[f'hd_{name}'] == pytest.approx(np.mean(hd))
+    assert got[f'hd95_{name}'] == pytest.approx(np.mean(hd95))
+  assert got['hd_cell'] == math.inf and got['hd_cell_inf_images'] == 1
+  assert math.isfinite(got['hd_border']) and got['hd_border_inf_images'] == 0
+  accumulator.reset()
+  assert math.isnan(accumulator.result()['hd_cell'])

@@ -10,6 +10,8 @@ import pytest
 
 from experiments import quickstart
 from unet_jax import checkpointing
+from unet_jax import distance_metrics
+from unet_jax import isbi_metrics
 from unet_jax import evaluation
 from unet_jax import input_pipeline
 from unet_jax import metric_writers
@@ -121,6 +123,17 @@ def test_eval_step_confusion_matches_numpy():
   expected_dice = 2 * inter / (pred.astype(bool).sum() + truth.sum())
   np.testing.assert_allclose(scores['dice_membrane'], expected_dice, rtol=1e-9)
   np.testing.assert_allclose(scores['pixel_accuracy'], np.mean(pred == data.labels), rtol=1e-9)
+  # Host-side metrics see every example once, in full, whatever the sharding and padding.
+  config.eval.hausdorff_classes = (1,)
+  extras = evaluation.extra_metrics(config)
+  scores = evaluation.evaluate(eval_fn, state, data, config, model, mesh, extra_metrics=extras)
+  reference = isbi_metrics.ISBIAccumulator()
+  reference.update(np.asarray(jax.nn.softmax(logits, -1))[..., 1], data.labels.astype(np.int64))
+  for key, value in reference.result().items():
+    np.testing.assert_allclose(scores[key], value, rtol=1e-6)
+  hd = distance_metrics.HausdorffAccumulator(('interior', 'membrane'), classes=(1,))
+  hd.update(pred, data.labels)
+  np.testing.assert_allclose(scores['hd95_membrane'], hd.result()['hd95_membrane'], rtol=1e-9)
 
 
 def test_run_resumes_exactly_where_it_stopped(tmp_path):

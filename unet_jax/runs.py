@@ -173,5 +173,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *, spli
       json.dump({'step': step, 'split': split, **scores}, f, indent=2, sort_keys=True)
     log.info('checkpoint %d on %s (%d examples): %s', step, split, len(subset),
              evaluation.format_scores(scores, config.data.class_names))
+    if 'isbi_rand_error' in scores:
+      log.info('ISBI 2012 metrics: %s', evaluation.paper_comparison(scores))
   manager.close()
   return scores

@@ -206,7 +206,8 @@ def make_step_fn(config: ml_collections.ConfigDict, setup: Setup) -> Callable:
   """The jitted, sharded train step with the config's statics bound; the state is donated."""
   step = functools.partial(
       train_step, model=setup.model, tx=setup.tx, schedule=setup.schedule,
-      loss_fn=losses.make_loss(dict(config.loss.terms)),
+      loss_fn=losses.make_loss(dict(config.loss.terms), options=config.loss.options.to_dict(),
+                               deep_supervision_weights=config.loss.deep_supervision_weights),
       accum_steps=config.optimizer.grad_accum_steps, ema_decay=config.optimizer.ema_decay,
       skip_nonfinite=config.nonfinite == 'skip',
       augment=functools.partial(device_augment.augment_batch, spec=config.data.augment,
@@ -303,6 +304,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   step_fn = make_step_fn(config, setup)
   eval_fn = evaluation.make_eval_fn(setup.model, mesh, len(config.data.class_names))
+  extras = evaluation.extra_metrics(config)
   step_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
 
   def save(step, scores=None):
@@ -336,7 +338,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         writer.write_scalars(step, {f'train/{k}': v for k, v in summary.items()})
         bar.set_postfix(loss=f'{summary["loss"]:.4f}', img_s=f'{summary["images_per_second"]:.1f}')
       if eval_now:
-        scores = evaluation.evaluate(eval_fn, state, val_set, config, setup.model, mesh)
+        scores = evaluation.evaluate(eval_fn, state, val_set, config, setup.model, mesh,
+                                     extra_metrics=extras)
         writer.write_scalars(step, {f'val/{k}': v for k, v in scores.items()})
         bar.write(f'step {step}: ' + evaluation.format_scores(scores, config.data.class_names))
         stopped_early = early_stopping.update(scores)
@@ -361,13 +364,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     return {}
 
   if not scores:  # resumed a finished run: evaluate what was restored
-    scores = evaluation.evaluate(eval_fn, state, val_set, config, setup.model, mesh)
+    scores = evaluation.evaluate(eval_fn, state, val_set, config, setup.model, mesh,
+                                 extra_metrics=extras)
   if chief:
     with open(os.path.join(workdir, 'final_metrics.json'), 'w', encoding='utf-8') as f:
       json.dump({'step': int(state.step), 'stopped_early': stopped_early, **scores}, f, indent=2,
                 sort_keys=True)
     log.info('final (step %d): %s', int(state.step),
              evaluation.format_scores(scores, config.data.class_names))
+    if 'isbi_rand_error' in scores:
+      log.info('ISBI 2012 metrics on the held-out slices: %s', evaluation.paper_comparison(scores))
   write_overlays(state, setup.model, val_set, config, mesh, workdir, chief)
   writer.close()
   manager.close()
