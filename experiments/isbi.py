@@ -116,7 +116,8 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   config.checkpoint.best_mode = 'max'
 
   config.mesh = ml_collections.ConfigDict()
-  config.mesh.num_devices = -1
+  config.mesh.data = -1  # devices the batch is split over (-1: all left after fsdp)
+  config.mesh.fsdp = 1  # > 1 also splits parameters and optimizer state over this many
 
   if arg == 'cpu':
     config.num_steps = 1200

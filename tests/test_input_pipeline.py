@@ -103,19 +103,22 @@ def test_same_seed_same_batches_and_resume_from_iterator_state():
   assert not np.array_equal(next(other)['image'], first[0]['image'])
 
 
-def test_process_shards_are_disjoint_and_cover_the_data():
+def test_process_slices_make_up_the_single_process_global_batch():
   n = 7
   images = np.arange(n, dtype=np.uint8)[:, None, None, None] * np.ones((1, 8, 8, 1), np.uint8)
   data = input_pipeline.Dataset(images, np.zeros((n, 8, 8), np.uint8))
-  config = _data_config(crop_size=8, augment='')
-  seen = []
-  for p in range(3):
-    it = input_pipeline.train_iterator(data, config, batch_size=1, border=0, seed=0,
-                                       process_index=p, process_count=3)
-    ids = {int(_unnormalize(next(it)['image'][0, 0, 0, 0], config)) for _ in range(12)}
-    seen.append(ids)
-  assert set().union(*seen) == set(range(n))
-  assert all(not (seen[i] & seen[j]) for i in range(3) for j in range(i + 1, 3))
+  config = _data_config(crop_size=8, augment='brightness(p=0.5, delta=0.3)')
+  whole = input_pipeline.train_iterator(data, config, batch_size=6, border=0, seed=0)
+  parts = [input_pipeline.train_iterator(data, config, batch_size=2, border=0, seed=0,
+                                         process_index=p, process_count=3) for p in range(3)]
+  seen = set()
+  for _ in range(5):
+    expected = next(whole)['image']
+    got = np.concatenate([next(part)['image'] for part in parts])
+    np.testing.assert_array_equal(got, expected)  # same examples, same augmentation
+    seen |= set(np.round(expected[:, 0, 0, 0] * 0.2 * 255 + 127.5).astype(int).tolist())
+  assert len(seen) > 1
+  assert parts[1].get_state() == whole.get_state()  # the state counts global steps
 
 
 def test_eval_batches_pad_with_ignore_label_and_shard():

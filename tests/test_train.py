@@ -27,7 +27,7 @@ def _smoke_config(**overrides):
 
 
 def _setup(config, devices):
-  config.mesh.num_devices = devices
+  config.mesh.data = devices
   setup = train.build(config, input_channels=1, spatial_rank=2)
   state = jax.jit(setup.init_fn, out_shardings=setup.state_sharding)(jax.random.key(0))
   return setup, state, train.make_step_fn(config, setup)
@@ -39,26 +39,35 @@ def _batch(n=8, size=32, seed=0):
   return {'image': image, 'label': (image[..., 0] > 0.3).astype(np.int32)}
 
 
-@pytest.mark.parametrize('norm', ['none', 'batch'])
-def test_train_step_on_8_devices_equals_1_device(norm):
-  assert jax.device_count() == 8
+def _three_steps(norm, data, fsdp):
   config = _smoke_config()
   config.model.norm = norm
+  config.model.width = 16  # big enough that fsdp splits some kernels (≥ 2**14 elements)
   config.model.dropout_rate = 0.0
-  results = []
-  for devices in (1, 8):
-    setup, state, step = _setup(config, devices)
-    mesh = setup.mesh
-    for i in range(3):
-      state, metrics = step(state, sharding.to_global(_batch(seed=i), mesh), jax.random.key(1))
-    if devices == 8:
-      assert len(state.params['head']['Conv_0']['kernel'].sharding.device_set) == 8
-    results.append((jax.device_get(state.params), jax.device_get(state.batch_stats),
-                    float(metrics['loss'])))
-  (p1, b1, l1), (p8, b8, l8) = results
-  np.testing.assert_allclose(l1, l8, rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), p1, p8)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), b1, b8)
+  config.mesh.fsdp = fsdp
+  setup, state, step = _setup(config, data)
+  for i in range(3):
+    state, metrics = step(state, sharding.to_global(_batch(seed=i), setup.mesh), jax.random.key(1))
+  return state, float(metrics['loss'])
+
+
+@pytest.mark.parametrize('norm,data,fsdp', [('none', 8, 1), ('batch', 8, 1), ('none', 4, 2),
+                                            ('batch', 1, 8)])
+def test_sharded_train_step_equals_1_device(norm, data, fsdp):
+  assert jax.device_count() == 8
+  reference, loss1 = _three_steps(norm, 1, 1)
+  state, loss8 = _three_steps(norm, data, fsdp)
+  kernels = [x for x in jax.tree.leaves(state.params) if x.ndim == 4]
+  assert all(len(x.sharding.device_set) == 8 for x in kernels)
+  split = [x for x in kernels if not x.sharding.is_fully_replicated]
+  assert bool(split) == (fsdp > 1)  # fsdp really splits the large kernels
+  if fsdp > 1:
+    mu = [x for x in jax.tree.leaves(state.opt_state) if getattr(x, 'ndim', 0) == 4]
+    assert any(not x.sharding.is_fully_replicated for x in mu)  # and the Adam moments
+  np.testing.assert_allclose(loss1, loss8, rtol=1e-5)
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  jax.tree.map(close, jax.device_get(reference.params), jax.device_get(state.params))
+  jax.tree.map(close, jax.device_get(reference.batch_stats), jax.device_get(state.batch_stats))
 
 
 def test_training_lowers_the_loss_on_a_fixed_batch():

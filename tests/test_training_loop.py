@@ -89,7 +89,7 @@ def _smoke(**overrides):
 
 
 def _run_steps(config, batches, devices=8):
-  config.mesh.num_devices = devices
+  config.mesh.data = devices
   setup = train.build(config, input_channels=1, spatial_rank=2)
   state = jax.jit(setup.init_fn, out_shardings=setup.state_sharding)(jax.random.key(0))
   step = train.make_step_fn(config, setup)

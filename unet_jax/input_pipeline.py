@@ -7,8 +7,10 @@ uint8` class ids. Sources:
 Both use the ISBI polarity on disk (255 = cell interior, 0 = membrane) and map it to class ids
 0 = interior, 1 = membrane, so the minority structure of interest is the positive class.
 
-Each JAX process reads only its shard of the examples; batches come out per process and
-`sharding.to_global` assembles them into globally sharded arrays.
+Training batches are slices of one global stream: global batch b is the same examples with the
+same augmentation whatever the number of processes, and process p reads and augments only its
+slice of it. Runs are therefore identical on 1 or N hosts, and the iterator state (the step) can
+resume on another topology. `sharding.to_global` assembles the slices into sharded arrays.
 """
 
 from __future__ import annotations
@@ -154,24 +156,20 @@ class _ExampleSource:
 def train_iterator(dataset: Dataset, data_config: Any, *, batch_size: int, border: int,
                    seed: int, process_index: int = 0, process_count: int = 1
                    ) -> grain.DatasetIterator:
-  """An endless, checkpointable iterator of this process's training batches.
+  """An endless, checkpointable iterator of this process's slices of the global batches.
 
   Args:
     dataset: the training split.
     data_config: `config.data` (crop size, augmentation spec, normalisation, workers).
-    batch_size: examples per batch on this process.
+    batch_size: examples per batch on this process (the global batch / process_count).
     border: mirror padding per side (the pixels a VALID net trims; 0 for SAME).
     seed: shuffle and augmentation seed; the same seed gives the same batches.
-    process_index, process_count: this process's shard of the examples.
+    process_index, process_count: which slice of every global batch this process produces.
   """
-  if len(dataset) < process_count:
-    raise ValueError(f'{len(dataset)} training examples cannot be sharded over '
-                     f'{process_count} processes')
   crop = data_config.crop_size
   crop_size = tuple(crop) if isinstance(crop, (tuple, list)) else (crop,) * (dataset.labels.ndim - 1)
   ds = grain.MapDataset.source(_ExampleSource(dataset))
-  ds = ds.slice(slice(process_index, None, process_count))
-  ds = ds.shuffle(seed=seed).repeat(None)
+  ds = ds.shuffle(seed=seed).repeat(None)  # reshuffled every epoch
   # With augment_on='device' the host only crops and normalises; the step does the rest.
   ops = T.build_train_transforms(
       data_config.augment if data_config.augment_on == 'host' else '', crop_size=crop_size, border=border, mean=data_config.mean,
@@ -180,7 +178,10 @@ def train_iterator(dataset: Dataset, data_config: Any, *, batch_size: int, borde
   for i, op in enumerate(ops):
     ds = ds.random_map(op, seed=seed + 1 + i) if isinstance(op, grain.transforms.RandomMap) \
         else ds.map(op)
+  # Chunk k of `batch_size` consecutive examples is slice k % P of global batch k // P; random
+  # access means only this process's chunks are ever read or augmented.
   ds = ds.batch(batch_size, drop_remainder=True)
+  ds = ds.slice(slice(process_index, None, process_count))
   iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=data_config.num_threads,
                                                  prefetch_buffer_size=data_config.prefetch))
   if data_config.num_workers > 0:

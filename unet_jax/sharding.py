@@ -1,8 +1,10 @@
 """The device mesh and how arrays are laid out on it.
 
-Data parallel: the batch is split over the mesh axis 'data', parameters and optimizer state are
-replicated. One code path serves 1 device, 8 simulated CPU devices and a multi-host TPU slice:
-each process hands over only its local slice of the batch.
+The mesh has two axes, 'data' and 'fsdp' (config.mesh.data × config.mesh.fsdp devices). The
+batch is split over both. Parameters and optimizer state are replicated over 'data' and, when
+fsdp > 1, each large array is split over 'fsdp' along its largest divisible dim (ZeRO-3 style:
+XLA gathers a layer's weights where they are used). One code path serves 1 device, 8 simulated
+CPU devices and a multi-host TPU slice: each process hands over only its local slice of the batch.
 """
 
 from __future__ import annotations
@@ -14,16 +16,23 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = 'data'
+FSDP_AXIS = 'fsdp'
+BATCH_AXES = (DATA_AXIS, FSDP_AXIS)
 
 
-def make_mesh(num_devices: int = -1) -> Mesh:
-  """A 1D 'data' mesh over `num_devices` devices (-1: all of them, across every process)."""
+def make_mesh(data: int = -1, fsdp: int = 1) -> Mesh:
+  """A ('data', 'fsdp') mesh; data=-1 takes every device left after fsdp (across processes)."""
   available = jax.device_count()
-  n = available if num_devices == -1 else num_devices
-  if n < 1 or n > available:
-    raise ValueError(f'config.mesh.num_devices={num_devices} but {available} devices are '
-                     'available (-1 uses all)')
-  return Mesh(np.asarray(jax.devices()[:n]), (DATA_AXIS,))
+  if fsdp < 1 or available % fsdp:
+    raise ValueError(f'config.mesh.fsdp={fsdp} must be ≥ 1 and divide the {available} devices')
+  data = available // fsdp if data == -1 else data
+  if data < 1 or data * fsdp > available:
+    raise ValueError(f'config.mesh.data={data} × config.mesh.fsdp={fsdp} needs {data * fsdp} '
+                     f'devices but {available} are available (data=-1 uses all)')
+  # jax.devices() lists each process's devices together, so 'fsdp' groups stay within a host
+  # where possible and the all-gathers of fsdp use the fastest links.
+  devices = np.asarray(jax.devices()[:data * fsdp]).reshape(data, fsdp)
+  return Mesh(devices, (DATA_AXIS, FSDP_AXIS))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -31,16 +40,39 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Leading (batch) dim split over 'data'; everything else whole."""
-  return NamedSharding(mesh, P(DATA_AXIS))
+  """Leading (batch) dim split over every device of the mesh; everything else whole."""
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def param_sharding(shape: tuple[int, ...], mesh: Mesh, *, min_size: int = 2**14
+                   ) -> NamedSharding:
+  """Replicated, or split over 'fsdp' along the largest dim it divides (arrays ≥ min_size).
+
+  Small arrays (biases, norm scales, step counters) stay replicated: splitting them saves
+  nothing and costs a collective each.
+  """
+  fsdp = mesh.shape[FSDP_AXIS]
+  if fsdp == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+    return replicated(mesh)
+  for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+    if shape[dim] % fsdp == 0:
+      spec = [None] * len(shape)
+      spec[dim] = FSDP_AXIS
+      return NamedSharding(mesh, P(*spec))
+  return replicated(mesh)
+
+
+def state_shardings(abstract_state: Any, mesh: Mesh) -> Any:
+  """A sharding for every leaf of an abstract (jax.eval_shape) train state."""
+  return jax.tree.map(lambda x: param_sharding(x.shape, mesh), abstract_state)
 
 
 def check_batch_size(global_batch: int, mesh: Mesh, *, field: str) -> int:
   """Returns this process's share of `global_batch`, or a clear error naming `field`."""
-  data_size = mesh.shape[DATA_AXIS]
-  if global_batch < 1 or global_batch % data_size:
-    raise ValueError(f'{field}={global_batch} must be a positive multiple of the data-parallel '
-                     f'size {data_size} (devices on the mesh axis {DATA_AXIS!r})')
+  size = mesh.shape[DATA_AXIS] * mesh.shape[FSDP_AXIS]
+  if global_batch < 1 or global_batch % size:
+    raise ValueError(f'{field}={global_batch} must be a positive multiple of the number of '
+                     f'devices the batch is split over, {size} (mesh data × fsdp)')
   if global_batch % jax.process_count():
     raise ValueError(f'{field}={global_batch} must be divisible by the number of processes '
                      f'{jax.process_count()}')

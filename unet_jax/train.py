@@ -2,7 +2,7 @@
 
 `train_step(state, batch, rng) -> (state, metrics)` is a pure function; the model, optimizer,
 loss and options are bound with functools.partial, the state is donated, and shardings come from
-`jax.eval_shape`: the batch is split over the mesh's 'data' axis, the state is replicated.
+`jax.eval_shape`: the batch is split over the mesh, the state replicated or split over 'fsdp'.
 
 The loop evaluates every `eval_every` steps, checkpoints with the data iterator position and the
 early-stopping record (so a resumed run continues exactly), stops early when the monitored
@@ -189,7 +189,7 @@ def check_config(config: ml_collections.ConfigDict) -> int:
 
 def build(config: ml_collections.ConfigDict, *, input_channels: int, spatial_rank: int) -> Setup:
   border = check_config(config)
-  mesh = sharding.make_mesh(config.mesh.num_devices)
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
   local_batch = sharding.check_batch_size(config.batch_size, mesh, field='config.batch_size')
   model = build_model(config.model, num_classes=len(config.data.class_names))
   tx, schedule = optimizers.make_optimizer(config.optimizer, num_steps=config.num_steps)
@@ -197,7 +197,7 @@ def build(config: ml_collections.ConfigDict, *, input_channels: int, spatial_ran
   init_fn = functools.partial(init_state, model=model, tx=tx, input_shape=input_shape,
                               ema=config.optimizer.ema_decay > 0)
   abstract = jax.eval_shape(init_fn, jax.random.key(0))
-  state_sharding = jax.tree.map(lambda _: sharding.replicated(mesh), abstract)
+  state_sharding = sharding.state_shardings(abstract, mesh)
   return Setup(mesh, model, tx, schedule, init_fn, state_sharding,
                checkpointing.abstract_with_shardings(abstract, state_sharding), border)
 
