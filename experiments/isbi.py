@@ -42,6 +42,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   config.data.source = 'isbi'
   config.data.directory = ''
   config.data.val_indices = (25, 26, 27, 28, 29)
+  config.data.val_gap = 0  # isbi_volume: z slices next to the validation range left unused
   config.data.folds = 0  # K ≥ 2: K runs with disjoint contiguous validation folds (launch.py)
   config.data.class_names = ('interior', 'membrane')
   config.data.crop_size = 572  # model input; a VALID net predicts its central 388×388
@@ -61,6 +62,16 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   config.data.num_workers = 0  # grain multiprocessing workers (0: threads in this process)
   config.data.num_threads = 2
   config.data.prefetch = 4
+  # Other sources (unet_jax/input_pipeline.py SOURCES); unused fields are ignored.
+  config.data.images_dir = ''  # folder: image files
+  config.data.masks_dir = ''  # folder: mask files matched by name (optionally with _mask)
+  config.data.mask_mode = 'binary'  # folder: binary | classes | instances
+  config.data.ignore_label = ml_collections.FieldReference(None, field_type=int)
+  config.data.image_paths = ()  # volumes: multi-page TIFFs, one volume each
+  config.data.label_paths = ()
+  config.data.label_mode = 'isbi'  # volumes: isbi polarity or class ids
+  config.data.tfds = ml_collections.ConfigDict(
+      dict(name='isbi2012', data_dir='', split='train', image_key='image', label_key='label'))
   config.data.procedural = ml_collections.ConfigDict(
       dict(num_images=64, size=256, seed=0, cell_diameter=28.0, membrane_width=3.0,
            organelles_per_cell=0.5, blur_sigma=1.0, noise_std=12.0))

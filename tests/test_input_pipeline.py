@@ -232,3 +232,28 @@ def test_augment_spec_typo_names_the_op():
   config = _data_config(crop_size=16, augment='flip|elastc(p=0.5)')
   with pytest.raises(ValueError, match="elastc"):
     input_pipeline.train_iterator(_derived_dataset(), config, batch_size=1, border=0, seed=0)
+
+
+def test_folder_source_trains_on_the_real_nuclei_sample(tmp_path, nuclei_dir):
+  import shutil  # pylint: disable=g-import-not-at-top
+  from experiments import quickstart  # pylint: disable=g-import-not-at-top
+  from unet_jax import train  # pylint: disable=g-import-not-at-top
+  for folder in ('images', 'masks'):
+    os.makedirs(tmp_path / folder)
+  for i in range(2):  # two copies so there is something to hold out
+    shutil.copy(os.path.join(nuclei_dir, 'img2d.tif'), tmp_path / 'images' / f'n{i}.tif')
+    shutil.copy(os.path.join(nuclei_dir, 'mask2d.tif'), tmp_path / 'masks' / f'n{i}.tif')
+  config = quickstart.get_config('smoke')
+  config.data.source = 'folder'
+  config.data.images_dir = str(tmp_path / 'images')
+  config.data.masks_dir = str(tmp_path / 'masks')
+  config.data.class_names = ('background', 'nucleus')
+  config.data.val_indices = (1,)
+  config.data.crop_size = 64
+  config.checkpoint.best_metric = 'dice_nucleus'
+  config.eval.isbi_metrics = False
+  config.eval_batch_size = 8
+  data = input_pipeline.load_dataset(config.data)
+  assert data.images.shape == (2, 512, 512, 1) and abs(data.labels.mean() - 0.199) < 0.001
+  scores = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert 0 <= scores['dice_nucleus'] <= 1 and 'dice_background' in scores

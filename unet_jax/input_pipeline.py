@@ -1,11 +1,16 @@
 """Datasets and grain pipelines for training and evaluation.
 
 A dataset is held in host memory as `images (N, *spatial, C) uint8` and `labels (N, *spatial)
-uint8` class ids. Sources:
-  'procedural'  EM-like images the project generates itself (the default; needs no download).
-  'isbi'        the ISBI 2012 EM stacks (train-volume.tif, train-labels.tif) in `data.directory`.
-Both use the ISBI polarity on disk (255 = cell interior, 0 = membrane) and map it to class ids
-0 = interior, 1 = membrane, so the minority structure of interest is the positive class.
+uint8` class ids. Sources (config.data.source):
+  'procedural'   EM-like images the project generates itself (the default; needs no download).
+  'isbi'         the ISBI 2012 EM stacks (train-volume.tif, train-labels.tif) in `data.directory`.
+  'isbi_volume'  the same stack as ONE 3D volume; val_indices are z slices (split_volume_z).
+  'folder'       image and mask files matched by name (data.images_dir, data.masks_dir).
+  'tfds'         a TFDS dataset stored as ArrayRecord, read with tfds.data_source (no TensorFlow).
+  'volumes'      multi-page TIFF volumes (data.image_paths, data.label_paths).
+The ISBI polarity on disk (255 = cell interior, 0 = membrane) maps to class ids 0 = interior,
+1 = membrane, so the minority structure of interest is the positive class. Other sources carry
+class ids (see unet_jax/sources.py); an ignored pixel is stored as sources.IGNORE_CLASS.
 
 Training batches are slices of one global stream: global batch b is the same examples with the
 same augmentation whatever the number of processes, and process p reads and augments only its
@@ -27,7 +32,7 @@ from unet_jax import transforms as T
 from unet_jax import weight_maps
 
 ISBI_FILES = {'images': 'train-volume.tif', 'labels': 'train-labels.tif'}
-SOURCES = ('procedural', 'isbi')
+SOURCES = ('procedural', 'isbi', 'isbi_volume', 'folder', 'tfds', 'volumes')
 IGNORE_LABEL = -1  # marks the padding examples of the last evaluation batch
 
 
@@ -116,13 +121,38 @@ def load_procedural(config: Any) -> Dataset:
 
 def load_dataset(data_config: Any) -> Dataset:
   """The whole labelled dataset of `config.data`, with weight maps when configured."""
-  if data_config.source == 'isbi':
+  from unet_jax import sources  # pylint: disable=g-import-not-at-top  (sources imports Dataset)
+  source = data_config.source
+  if source in ('isbi', 'isbi_volume'):
     dataset = load_isbi(data_config.directory)
-  elif data_config.source == 'procedural':
+    if source == 'isbi_volume':
+      dataset = sources.as_volume(dataset)
+  elif source == 'procedural':
     dataset = load_procedural(data_config.procedural)
+  elif source == 'folder':
+    dataset = sources.load_folder(
+        data_config.images_dir, data_config.masks_dir, num_classes=len(data_config.class_names),
+        mask_mode=data_config.mask_mode, ignore_label=data_config.ignore_label)
+  elif source == 'tfds':
+    dataset = sources.load_tfds(
+        data_config.tfds.name, data_dir=data_config.tfds.data_dir, split=data_config.tfds.split,
+        image_key=data_config.tfds.image_key, label_key=data_config.tfds.label_key,
+        num_classes=len(data_config.class_names), ignore_label=data_config.ignore_label)
+  elif source == 'volumes':
+    dataset = sources.load_volumes(
+        data_config.image_paths, data_config.label_paths, label_mode=data_config.label_mode,
+        num_classes=len(data_config.class_names), ignore_label=data_config.ignore_label)
   else:
-    raise ValueError(f'config.data.source={data_config.source!r} is not one of {SOURCES}')
+    raise ValueError(f'config.data.source={source!r} is not one of {SOURCES}')
   return with_weight_maps(dataset, data_config.weight_map)
+
+
+def split_dataset(dataset: Dataset, data_config: Any) -> tuple[Dataset, Dataset]:
+  """(train, val): by example index, or by z slice for a single volume ('isbi_volume')."""
+  if data_config.source == 'isbi_volume':
+    from unet_jax import sources  # pylint: disable=g-import-not-at-top
+    return sources.split_volume_z(dataset, data_config.val_indices, gap=data_config.val_gap)
+  return split(dataset, data_config.val_indices)
 
 
 def split(dataset: Dataset, val_indices: Sequence[int]) -> tuple[Dataset, Dataset]:

@@ -157,7 +157,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *, spli
   if split not in SPLITS:
     raise ValueError(f'--split={split!r} is not one of {SPLITS}')
   dataset = input_pipeline.load_dataset(config.data)
-  train_set, val_set = input_pipeline.split(dataset, config.data.val_indices)
+  train_set, val_set = input_pipeline.split_dataset(dataset, config.data)
   subset = {'val': val_set, 'train': train_set, 'all': dataset}[split]
   setup = train.build(config, input_channels=dataset.images.shape[-1],
                       spatial_rank=dataset.labels.ndim - 1)

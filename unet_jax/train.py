@@ -38,6 +38,7 @@ from unet_jax import losses
 from unet_jax import metric_writers
 from unet_jax import optimizers
 from unet_jax import sharding
+from unet_jax import sources
 from unet_jax import visualize
 from unet_jax.models import blocks
 from unet_jax.models import build_model, output_size
@@ -206,8 +207,11 @@ def make_step_fn(config: ml_collections.ConfigDict, setup: Setup) -> Callable:
   """The jitted, sharded train step with the config's statics bound; the state is donated."""
   step = functools.partial(
       train_step, model=setup.model, tx=setup.tx, schedule=setup.schedule,
-      loss_fn=losses.make_loss(dict(config.loss.terms), options=config.loss.options.to_dict(),
-                               deep_supervision_weights=config.loss.deep_supervision_weights),
+      loss_fn=losses.make_loss(
+          dict(config.loss.terms), options=config.loss.options.to_dict(),
+          deep_supervision_weights=config.loss.deep_supervision_weights,
+          # Sources store ignored pixels as IGNORE_CLASS when config.data.ignore_label is set.
+          ignore_label=None if config.data.ignore_label is None else sources.IGNORE_CLASS),
       accum_steps=config.optimizer.grad_accum_steps, ema_decay=config.optimizer.ema_decay,
       skip_nonfinite=config.nonfinite == 'skip',
       augment=functools.partial(device_augment.augment_batch, spec=config.data.augment,
@@ -276,7 +280,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   check_config(config)
   chief = jax.process_index() == 0
   dataset = input_pipeline.load_dataset(config.data)
-  train_set, val_set = input_pipeline.split(dataset, config.data.val_indices)
+  train_set, val_set = input_pipeline.split_dataset(dataset, config.data)
   setup = build(config, input_channels=dataset.images.shape[-1],
                 spatial_rank=dataset.labels.ndim - 1)
   mesh = setup.mesh
