@@ -7,6 +7,10 @@ r"""The one entry point: train (default), evaluate or predict with a config and 
   python launch.py --config=experiments/isbi.py:cpu --workdir=runs/sweep --sweep
   python launch.py --config=experiments/isbi.py:cpu --workdir=runs/cv --config.data.folds=5
 
+Several hosts: run the same command on every host with --distributed (Cloud TPU and SLURM are
+detected by jax.distributed), or name the coordinator explicitly:
+  python launch.py ... --coordinator_address=10.0.0.2:1234 --num_processes=2 --process_id=0
+
 Rerunning with the same workdir resumes from its latest checkpoint.
 """
 
@@ -26,6 +30,11 @@ flags.DEFINE_enum('mode', 'train', MODES, 'train (resumes automatically) or eval
 flags.DEFINE_bool('sweep', False, "Train every point of the config file's sweep().")
 flags.DEFINE_string('split', 'val', 'eval mode: val, train or all.')
 flags.DEFINE_string('checkpoint', 'best', 'eval mode: best, latest or a step number.')
+flags.DEFINE_bool('distributed', False,
+                  'Call jax.distributed.initialize() with auto-detection (Cloud TPU, SLURM).')
+flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-process runs).')
+flags.DEFINE_integer('num_processes', None, 'Number of processes (with --coordinator_address).')
+flags.DEFINE_integer('process_id', None, 'This process, 0..num_processes-1.')
 config_flags.DEFINE_config_file('config', None, 'Config file, e.g. experiments/isbi.py:cpu.',
                                 lock_config=True)
 FLAGS = flags.FLAGS
@@ -55,6 +64,11 @@ def _show_project_logs():
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if FLAGS.distributed or FLAGS.coordinator_address:
+    import jax  # pylint: disable=g-import-not-at-top
+    # Before anything touches a device: every process must join first.
+    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
   from unet_jax import runs, train  # pylint: disable=g-import-not-at-top  (after flag parsing)
   _show_project_logs()
   config, workdir = FLAGS.config, FLAGS.workdir

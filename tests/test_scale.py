@@ -1,0 +1,99 @@
+"""Scale: a real 2-process jax.distributed run, and checkpoints restored on other meshes."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+
+from experiments import quickstart
+from unet_jax import checkpointing
+from unet_jax import metric_writers
+from unet_jax import sharding
+from unet_jax import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(data, fsdp=1):
+  config = quickstart.get_config('smoke')
+  config.model.width = 16  # some kernels are large enough for fsdp to split
+  config.mesh.data, config.mesh.fsdp = data, fsdp
+  return config
+
+
+def _trained_state(config):
+  setup = train.build(config, input_channels=1, spatial_rank=2)
+  state = jax.jit(setup.init_fn, out_shardings=setup.state_sharding)(jax.random.key(0))
+  step = train.make_step_fn(config, setup)
+  rng = np.random.default_rng(0)
+  image = rng.normal(size=(8, 32, 32, 1)).astype(np.float32)
+  batch = {'image': image, 'label': (image[..., 0] > 0).astype(np.int32)}
+  state, _ = step(state, sharding.to_global(batch, setup.mesh), jax.random.key(0))
+  return state
+
+
+def _save_then_restore(tmp_path, save_config, restore_config):
+  state = _trained_state(save_config)
+  manager = checkpointing.make_manager(str(tmp_path), keep_best=0, best_metric='dice_membrane')
+  checkpointing.save(manager, 1, state, {'iterator': {'next_index': 1}})
+  checkpointing.wait(manager)
+  setup = train.build(restore_config, input_channels=1, spatial_rank=2)
+  restored, extra = checkpointing.restore(
+      checkpointing.make_manager(str(tmp_path), keep_best=0, best_metric='dice_membrane'), 1,
+      setup.abstract_state)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), jax.device_get(state))
+  assert extra == {'iterator': {'next_index': 1}}
+  return restored, setup
+
+
+def test_checkpoint_from_8_devices_restores_on_1(tmp_path):
+  restored, _ = _save_then_restore(tmp_path, _config(2, 4), _config(1))
+  assert all(len(x.sharding.device_set) == 1 for x in jax.tree.leaves(restored))
+
+
+def test_checkpoint_from_1_device_restores_on_8_with_fsdp(tmp_path):
+  restored, setup = _save_then_restore(tmp_path, _config(1), _config(4, 2))
+  kernels = [x for x in jax.tree.leaves(restored.params) if x.ndim == 4]
+  assert all(len(x.sharding.device_set) == 8 for x in kernels)
+  assert any(not x.sharding.is_fully_replicated for x in kernels)
+  expected = jax.tree.leaves(setup.state_sharding)
+  assert [x.sharding for x in jax.tree.leaves(restored)] == expected
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_train_like_one(tmp_path):
+  common = ['--config=' + os.path.join(ROOT, 'experiments/quickstart.py') + ':smoke',
+            '--config.num_steps=6', '--config.log_every=1', '--config.eval_every=3']
+  single = subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'launch.py'), f'--workdir={tmp_path / "one"}', *common],
+      cwd=ROOT, capture_output=True, text=True, timeout=600,
+      env=dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8'))
+  assert single.returncode == 0, single.stderr
+  port = _free_port()
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4')
+  procs = [subprocess.Popen(
+      [sys.executable, os.path.join(ROOT, 'launch.py'), f'--workdir={tmp_path / "two"}', *common,
+       f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}'],
+      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  outputs = [p.communicate(timeout=600)[0] for p in procs]
+  assert all(p.returncode == 0 for p in procs), outputs
+  assert '8 devices' in outputs[0]  # 2 processes × 4 devices form one mesh
+  losses = lambda d: [r['train/loss'] for r in
+                      metric_writers.read_jsonl(str(tmp_path / d / 'metrics.jsonl'))
+                      if 'train/loss' in r]
+  np.testing.assert_allclose(losses('two'), losses('one'), rtol=1e-5)
+  one = json.load(open(tmp_path / 'one' / 'final_metrics.json'))
+  two = json.load(open(tmp_path / 'two' / 'final_metrics.json'))
+  assert one['step'] == two['step'] == 6
+  for key in ('dice_membrane', 'pixel_error', 'isbi_rand_error'):
+    np.testing.assert_allclose(two[key], one[key], atol=1e-3)
