@@ -28,6 +28,8 @@ flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and predic
                     required=True)
 flags.DEFINE_enum('mode', 'train', MODES, 'train (resumes automatically) or eval a checkpoint.')
 flags.DEFINE_bool('sweep', False, "Train every point of the config file's sweep().")
+flags.DEFINE_bool('allow_config_change', False,
+                  'Resume a workdir although its saved config differs from this one.')
 flags.DEFINE_string('split', 'val', 'eval mode: val, train or all.')
 flags.DEFINE_string('checkpoint', 'best', 'eval mode: best, latest or a step number.')
 flags.DEFINE_bool('distributed', False,
@@ -79,7 +81,7 @@ def main(argv):
   elif config.data.folds:
     runs.run_kfold(config, workdir)
   else:
-    train.train_and_evaluate(config, workdir)
+    train.train_and_evaluate(config, workdir, allow_config_change=FLAGS.allow_config_change)
 
 
 if __name__ == '__main__':

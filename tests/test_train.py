@@ -228,3 +228,28 @@ def test_confusion_accumulator_sees_every_validation_pixel():
   acc.update(np.array([[3, 1], [2, 4]]))
   acc.update(np.array([[1, 0], [0, 1]]))
   assert acc.result(('a', 'b'))['pixel_accuracy'] == pytest.approx(9 / 12)
+
+
+def test_workdir_with_another_config_is_refused_unless_allowed(tmp_path):
+  train.train_and_evaluate(_smoke_config(), str(tmp_path))
+  changed = _smoke_config()
+  changed.model.width = 2
+  with pytest.raises(ValueError, match=r"model.width: 4 → 2.*--allow_config_change"):
+    train.train_and_evaluate(changed, str(tmp_path))
+  longer = _smoke_config(num_steps=6)  # extending a run is a resumable change
+  assert json.load(open(tmp_path / 'config.json'))['num_steps'] == 4
+  train.train_and_evaluate(longer, str(tmp_path))
+  assert json.load(open(tmp_path / 'final_metrics.json'))['step'] == 6
+  reweighted = _smoke_config(num_steps=8)
+  reweighted.loss.terms.dice = 0.5
+  with pytest.raises(ValueError, match='loss.terms.dice: 1.0 → 0.5'):
+    train.train_and_evaluate(reweighted, str(tmp_path))
+  train.train_and_evaluate(reweighted, str(tmp_path), allow_config_change=True)
+  assert json.load(open(tmp_path / 'final_metrics.json'))['step'] == 8
+
+
+def test_unwritable_workdir_is_a_clear_error(tmp_path):
+  blocked = tmp_path / 'file'
+  blocked.write_text('not a directory')
+  with pytest.raises(OSError, match='is not writable.*choose another --workdir'):
+    train.train_and_evaluate(_smoke_config(), str(blocked / 'run'))

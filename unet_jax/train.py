@@ -272,12 +272,59 @@ class _EarlyStopping:
     return {'best': self.best, 'stale': self.stale}
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+# Fields that may change between a run and its resumption: how long and how it is observed or
+# laid out, not what is trained.
+RESUMABLE_CHANGES = ('num_steps', 'log_every', 'eval_every', 'num_overlays', 'eval',
+                     'data.num_workers', 'data.num_threads', 'data.prefetch', 'mesh',
+                     'checkpoint.keep_best', 'early_stopping')
+
+
+def _flatten(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict) and value:
+      flat.update(_flatten(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = value
+  return flat
+
+
+def check_workdir(config: ml_collections.ConfigDict, workdir: str, *,
+                  allow_config_change: bool) -> None:
+  """Fails early on an unwritable workdir, or on resuming a run that had another config."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f'.write_test_{jax.process_index()}')
+    with open(probe, 'w', encoding='utf-8') as f:
+      f.write('ok')
+    os.remove(probe)
+  except OSError as e:
+    raise OSError(f'workdir {workdir} is not writable ({e.strerror}); checkpoints and logs go '
+                  'there: choose another --workdir') from e
+  saved_path = os.path.join(workdir, 'config.json')
+  if allow_config_change or not os.path.exists(saved_path):
+    return
+  with open(saved_path, encoding='utf-8') as f:
+    saved = _flatten(json.load(f))
+  current = _flatten(json.loads(config.to_json_best_effort()))
+  changed = sorted(k for k in saved.keys() | current.keys()
+                   if saved.get(k) != current.get(k)
+                   and not any(k == f or k.startswith(f + '.') for f in RESUMABLE_CHANGES))
+  if changed:
+    details = ', '.join(f'{k}: {saved.get(k)!r} → {current.get(k)!r}' for k in changed[:5])
+    raise ValueError(f'workdir {workdir} holds a run with another config ({details}); use a new '
+                     '--workdir, or pass --allow_config_change to resume it anyway')
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       allow_config_change: bool = False) -> dict[str, float]:
   """Trains to `config.num_steps` (resuming from `workdir`); returns the final validation scores.
 
-  Returns an empty dict when stopped by SIGTERM after saving a checkpoint.
+  Returns an empty dict when stopped by SIGTERM after saving a checkpoint. A workdir that holds
+  a run with another config (beyond RESUMABLE_CHANGES) is refused unless `allow_config_change`.
   """
   check_config(config)
+  check_workdir(config, workdir, allow_config_change=allow_config_change)
   chief = jax.process_index() == 0
   dataset = input_pipeline.load_dataset(config.data)
   train_set, val_set = input_pipeline.split_dataset(dataset, config.data)
