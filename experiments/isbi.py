@@ -85,7 +85,14 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   config.model.norm = 'none'
   config.model.activation = 'relu'
   config.model.dropout_rate = 0.5
-  config.model.dtype = 'float32'
+  config.model.dtype = 'float32'  # 'bfloat16': bf16 compute, fp32 parameters and logits
+  config.model.remat = False  # recompute blocks in the backward pass: less memory, more compute
+  # Options of single variants (config.model.name picks one of unet_jax/models MODELS):
+  config.model.unet_plus_plus = ml_collections.ConfigDict(
+      dict(deep_supervision=False, prune_level=ml_collections.FieldReference(None, field_type=int)))
+  config.model.multires_unet = ml_collections.ConfigDict(dict(alpha=1.67))
+  config.model.unetr = ml_collections.ConfigDict(
+      dict(patch_size=16, hidden_size=768, num_layers=12, num_heads=12, mlp_dim=3072))
 
   config.loss = ml_collections.ConfigDict()
   # The paper: pixel-weighted cross-entropy alone. Weights of further terms (e.g. dice) add them.

@@ -130,7 +130,9 @@ def test_build_model_by_name_and_errors():
                                        dtype='bfloat16'))
   model = build_model(cfg, num_classes=3)
   assert isinstance(model, UNet) and model.num_classes == 3 and model.dtype == jnp.bfloat16
-  with pytest.raises(ValueError, match="config.model.name='unett' is not one of \\['unet'\\]"):
+  with pytest.raises(ValueError, match="config.model.name='unett' is not one of "
+                     "\\['attention_unet', 'multires_unet', 'res_unet', 'unet', 'unet_plus_plus', "
+                     "'unetr'\\]"):
     build_model(ml_collections.ConfigDict(dict(name='unett')), num_classes=2)
   with pytest.raises(ValueError, match='does not take'):
     build_model(ml_collections.ConfigDict(dict(name='unet', widht=4)), num_classes=2)

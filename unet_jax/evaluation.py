@@ -2,7 +2,7 @@
 
 Scores come from one confusion matrix accumulated over every pixel of the split (Dice, IoU,
 precision, recall, pixel accuracy), so they are set-level numbers, not averages of batch
-averages. Whole images are mirror-padded for the model (inference.model_padding), so a VALID
+averages. Whole images are mirror-padded for the model (model_padding), so a VALID
 net is scored on every pixel too.
 """
 
@@ -60,12 +60,24 @@ def make_eval_fn(model: Any, mesh: jax.sharding.Mesh, num_classes: int) -> Calla
                  out_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)))
 
 
+def model_padding(spatial_shape: tuple[int, ...], model: Any) -> list[tuple[int, int]]:
+  """(before, after) mirror padding per dim so ONE pass of `model` covers a whole image.
+
+  After padding, output pixel i lies over image pixel i (inference.crop_to slices it back).
+  """
+  pads = []
+  for size in spatial_shape:
+    needed = model.valid_input_size(size)
+    border = (needed - model.output_size(needed)) // 2
+    pads.append((border, needed - size - border))
+  return pads
+
+
 def eval_batches(dataset: input_pipeline.Dataset, config: ml_collections.ConfigDict, model: Any,
                  mesh: jax.sharding.Mesh) -> Iterator[dict[str, np.ndarray]]:
   local_batch = sharding.check_batch_size(config.eval_batch_size, mesh,
                                           field='config.eval_batch_size')
-  pads = inference.model_padding(dataset.labels.shape[1:], depth=config.model.depth,
-                                 padding=config.model.padding)
+  pads = model_padding(dataset.labels.shape[1:], model)
   return input_pipeline.eval_batches(dataset, batch_size=local_batch, pads=pads,
                                      mean=config.data.mean, std=config.data.std,
                                      process_index=jax.process_index(),

@@ -183,7 +183,8 @@ class _ExampleSource:
     return example
 
 
-def train_iterator(dataset: Dataset, data_config: Any, *, batch_size: int, border: int,
+def train_iterator(dataset: Dataset, data_config: Any, *, batch_size: int,
+                   border: int | Sequence[int],
                    seed: int, process_index: int = 0, process_count: int = 1
                    ) -> grain.DatasetIterator:
   """An endless, checkpointable iterator of this process's slices of the global batches.
@@ -192,7 +193,7 @@ def train_iterator(dataset: Dataset, data_config: Any, *, batch_size: int, borde
     dataset: the training split.
     data_config: `config.data` (crop size, augmentation spec, normalisation, workers).
     batch_size: examples per batch on this process (the global batch / process_count).
-    border: mirror padding per side (the pixels a VALID net trims; 0 for SAME).
+    border: mirror padding per side, one int or one per spatial dim (what a VALID net trims).
     seed: shuffle and augmentation seed; the same seed gives the same batches.
     process_index, process_count: which slice of every global batch this process produces.
   """
@@ -202,7 +203,8 @@ def train_iterator(dataset: Dataset, data_config: Any, *, batch_size: int, borde
   ds = ds.shuffle(seed=seed).repeat(None)  # reshuffled every epoch
   # With augment_on='device' the host only crops and normalises; the step does the rest.
   ops = T.build_train_transforms(
-      data_config.augment if data_config.augment_on == 'host' else '', crop_size=crop_size, border=border, mean=data_config.mean,
+      data_config.augment if data_config.augment_on == 'host' else '', crop_size=crop_size,
+      border=border, mean=data_config.mean,
       std=data_config.std, crop=data_config.crop, foreground_class=data_config.foreground_class,
       foreground_p=data_config.foreground_p, order=data_config.interpolation_order)
   for i, op in enumerate(ops):

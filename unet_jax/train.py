@@ -32,7 +32,6 @@ from flax import struct
 from unet_jax import checkpointing
 from unet_jax import device_augment
 from unet_jax import evaluation
-from unet_jax import inference
 from unet_jax import input_pipeline
 from unet_jax import losses
 from unet_jax import metric_writers
@@ -41,7 +40,7 @@ from unet_jax import sharding
 from unet_jax import sources
 from unet_jax import visualize
 from unet_jax.models import blocks
-from unet_jax.models import build_model, output_size
+from unet_jax.models import build_model
 
 log = logging.getLogger('unet_jax')
 NONFINITE_POLICIES = ('halt', 'skip')
@@ -156,19 +155,33 @@ class Setup:
   init_fn: Callable[[jax.Array], TrainState]
   state_sharding: Any
   abstract_state: Any
-  border: int
+  border: tuple[int, ...]
 
 
-def check_config(config: ml_collections.ConfigDict) -> int:
-  """Checks combinations that would otherwise fail late; returns the mirror border for crops."""
+def crop_shape(config: ml_collections.ConfigDict, spatial_rank: int) -> tuple[int, ...]:
+  """config.data.crop_size as one size per spatial dim (an int means a square/cube)."""
+  crop = config.data.crop_size
+  shape = tuple(crop) if isinstance(crop, (tuple, list)) else (int(crop),) * spatial_rank
+  if len(shape) != spatial_rank:
+    raise ValueError(f'config.data.crop_size={crop} has {len(shape)} sizes for data with '
+                     f'{spatial_rank} spatial dims')
+  return shape
+
+
+def check_config(config: ml_collections.ConfigDict, spatial_rank: int = 2) -> tuple[int, ...]:
+  """Checks combinations that would otherwise fail late, before anything is compiled.
+
+  Returns the mirror border per spatial dim: what the model trims from a crop on each side.
+  """
   if config.model.padding not in blocks.PADDINGS:
     raise ValueError(f'config.model.padding={config.model.padding!r} is not one of '
                      f'{blocks.PADDINGS}')
-  crop = config.data.crop_size
+  model = build_model(config.model, num_classes=len(config.data.class_names))
+  crop = crop_shape(config, spatial_rank)
   try:
-    out = output_size(crop, depth=config.model.depth, padding=config.model.padding)
+    out = tuple(model.output_size(c) for c in crop)
   except ValueError as e:
-    raise ValueError(f'config.data.crop_size={crop}: {e}') from None
+    raise ValueError(f'config.data.crop_size={config.data.crop_size}: {e}') from None
   for field in ('num_steps', 'log_every', 'eval_every'):
     if config[field] < 1:
       raise ValueError(f'config.{field}={config[field]} must be ≥ 1')
@@ -185,16 +198,16 @@ def check_config(config: ml_collections.ConfigDict) -> int:
   if metric.split('_', 1)[-1] not in (*config.data.class_names, 'mean', 'accuracy', 'error'):
     raise ValueError(f'config.checkpoint.best_metric={metric!r} names no evaluation metric; '
                      f'e.g. dice_{config.data.class_names[-1]}')
-  return (crop - out) // 2
+  return tuple((c - o) // 2 for c, o in zip(crop, out))
 
 
 def build(config: ml_collections.ConfigDict, *, input_channels: int, spatial_rank: int) -> Setup:
-  border = check_config(config)
+  border = check_config(config, spatial_rank)
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
   local_batch = sharding.check_batch_size(config.batch_size, mesh, field='config.batch_size')
   model = build_model(config.model, num_classes=len(config.data.class_names))
   tx, schedule = optimizers.make_optimizer(config.optimizer, num_steps=config.num_steps)
-  input_shape = (local_batch, *(config.data.crop_size,) * spatial_rank, input_channels)
+  input_shape = (local_batch, *crop_shape(config, spatial_rank), input_channels)
   init_fn = functools.partial(init_state, model=model, tx=tx, input_shape=input_shape,
                               ema=config.optimizer.ema_decay > 0)
   abstract = jax.eval_shape(init_fn, jax.random.key(0))
@@ -272,6 +285,10 @@ class _EarlyStopping:
     return {'best': self.best, 'stale': self.stale}
 
 
+def _spatial_rank(config: ml_collections.ConfigDict) -> int:
+  return 3 if config.data.source in ('isbi_volume', 'volumes') else 2
+
+
 # Fields that may change between a run and its resumption: how long and how it is observed or
 # laid out, not what is trained.
 RESUMABLE_CHANGES = ('num_steps', 'log_every', 'eval_every', 'num_overlays', 'eval',
@@ -323,7 +340,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   Returns an empty dict when stopped by SIGTERM after saving a checkpoint. A workdir that holds
   a run with another config (beyond RESUMABLE_CHANGES) is refused unless `allow_config_change`.
   """
-  check_config(config)
+  check_config(config, _spatial_rank(config))
   check_workdir(config, workdir, allow_config_change=allow_config_change)
   chief = jax.process_index() == 0
   dataset = input_pipeline.load_dataset(config.data)
@@ -443,13 +460,15 @@ def write_overlays(state, model, dataset, config, mesh, workdir, chief) -> None:
   spatial = subset.labels.shape[1:]
   batch = next(input_pipeline.eval_batches(
       subset, batch_size=count, mean=config.data.mean, std=config.data.std,
-      pads=inference.model_padding(spatial, depth=config.model.depth,
-                                   padding=config.model.padding)))
+      pads=evaluation.model_padding(spatial, model)))
   images = jax.make_array_from_process_local_data(sharding.replicated(mesh), batch['image'])
   predict = jax.jit(functools.partial(evaluation.predict_probabilities, model=model,
                                       spatial_shape=spatial),
                     out_shardings=sharding.replicated(mesh))
   classes = np.asarray(jnp.argmax(predict(state, images), -1))
+  images, labels = subset.images, subset.labels
+  if len(spatial) == 3:  # volumes: show the middle section
+    middle = spatial[0] // 2
+    images, labels, classes = images[:, middle], labels[:, middle], classes[:, middle]
   if chief:
-    visualize.write_panels(os.path.join(workdir, 'predictions'), subset.images, subset.labels,
-                           classes)
+    visualize.write_panels(os.path.join(workdir, 'predictions'), images, labels, classes)

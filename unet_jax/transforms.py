@@ -73,13 +73,15 @@ class MirrorPad(grain.transforms.Map):
   overlap-tile strategy) lets crops near the border still predict the border pixels.
   """
 
-  border: int
+  border: int | Sequence[int]  # one for every dim, or one per spatial dim
 
   def map(self, example: Example) -> Example:
-    if self.border <= 0:
+    rank = spatial_rank(example)
+    borders = (self.border,) * rank if isinstance(self.border, int) else tuple(self.border)
+    if not any(b > 0 for b in borders):
       return example
-    return apply_spatial(example, lambda x, rank: mirror_pad(
-        x, [(self.border, self.border)] * rank + [(0, 0)] * (x.ndim - rank)))
+    return apply_spatial(example, lambda x, r: mirror_pad(
+        x, [(b, b) for b in borders] + [(0, 0)] * (x.ndim - r)))
 
 
 def crop_start(label: np.ndarray, size: Sequence[int], rng: np.random.Generator, *,
@@ -341,7 +343,8 @@ def parse_augment(spec: str) -> tuple[Any, ...]:
   return tuple(_parse_op(piece.strip()) for piece in spec.split('|'))
 
 
-def build_train_transforms(augment: str, *, crop_size: Sequence[int], border: int, mean: float,
+def build_train_transforms(augment: str, *, crop_size: Sequence[int], border: int | Sequence[int],
+                           mean: float,
                            std: float, crop: str = 'random', foreground_class: int = 1,
                            foreground_p: float = 0.5, order: int = 1) -> list[Any]:
   """The training chain, to apply in order with ds.map / ds.random_map.

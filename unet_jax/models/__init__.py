@@ -1,4 +1,17 @@
-"""Model constructors, chosen by `config.model.name` from one explicit table."""
+"""Model constructors, chosen by `config.model.name` from one explicit table.
+
+| name             | class          | module            |
+| ---------------- | -------------- | ----------------- |
+| 'unet'           | UNet           | unet.py           |
+| 'attention_unet' | AttentionUNet  | attention_unet.py |
+| 'unet_plus_plus' | UNetPlusPlus   | unet_plus_plus.py |
+| 'res_unet'       | ResUNet        | res_unet.py       |
+| 'multires_unet'  | MultiResUNet   | multires_unet.py  |
+| 'unetr'          | UNETR          | unetr.py          |
+
+Every class takes 2D (N, H, W, C) or 3D (N, D, H, W, C) input and has the size methods
+`output_size`, `valid_input_size`, `valid_input_sizes` and `size_multiple` (see sizes.py).
+"""
 
 from __future__ import annotations
 
@@ -7,10 +20,21 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax.numpy as jnp
 
-from unet_jax.models.unet import UNet, output_shape, output_size, valid_input_size, valid_input_sizes
+from unet_jax.models.attention_unet import AttentionUNet
+from unet_jax.models.multires_unet import MultiResUNet
+from unet_jax.models.res_unet import ResUNet
+from unet_jax.models.unet import (UNet, output_shape, output_size, valid_input_size,
+                                  valid_input_sizes)
+from unet_jax.models.unet_plus_plus import UNetPlusPlus
+from unet_jax.models.unetr import UNETR
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     'unet': UNet,
+    'attention_unet': AttentionUNet,
+    'unet_plus_plus': UNetPlusPlus,
+    'res_unet': ResUNet,
+    'multires_unet': MultiResUNet,
+    'unetr': UNETR,
 }
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
@@ -22,15 +46,22 @@ def build_model(model_config: Any, *, num_classes: int) -> nn.Module:
   name = kwargs.pop('name')
   if name not in MODELS:
     raise ValueError(f'config.model.name={name!r} is not one of {sorted(MODELS)}')
+  # Options of one variant live in a sub-config named after it (config.model.unetr.hidden_size);
+  # the sub-configs of the other variants are not this model's business.
+  per_model = {k: kwargs.pop(k) for k in list(kwargs) if k in MODELS}
+  kwargs.update(dict(per_model.get(name) or {}))
   dtype = kwargs.pop('dtype', 'float32')
   if dtype not in DTYPES:
     raise ValueError(f'config.model.dtype={dtype!r} is not one of {sorted(DTYPES)}')
   constructor = MODELS[name]
-  unknown = set(kwargs) - set(constructor.__dataclass_fields__)
+  fields = set(constructor.__dataclass_fields__) - {'parent', 'name', 'num_classes'}
+  unknown = set(kwargs) - fields
   if unknown:
-    raise ValueError(f'config.model has fields {sorted(unknown)} that {name!r} does not take')
+    raise ValueError(f'config.model has fields {sorted(unknown)} that {name!r} does not take; '
+                     f'it takes {sorted(fields | {"dtype"})}')
   return constructor(num_classes=num_classes, dtype=DTYPES[dtype], **kwargs)
 
 
-__all__ = ['MODELS', 'UNet', 'build_model', 'output_shape', 'output_size', 'valid_input_size',
+__all__ = ['MODELS', 'AttentionUNet', 'MultiResUNet', 'ResUNet', 'UNETR', 'UNet', 'UNetPlusPlus',
+           'build_model', 'output_shape', 'output_size', 'valid_input_size',
            'valid_input_sizes']

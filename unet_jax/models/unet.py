@@ -1,37 +1,29 @@
 """The U-Net of Ronneberger, Fischer & Brox (MICCAI 2015) and its size arithmetic.
 
 Paper configuration: `UNet(num_classes=2, width=64, depth=4, padding='VALID')` on a 1-channel
-input has 31,030,658 parameters and maps 572×572 to 388×388.
+input has 31,030,658 parameters and maps 572×572 to 388×388. With 3D input (N, D, H, W, C) the
+same module is the 3D U-Net of Çiçek et al. (MICCAI 2016).
+
+`UNet` is also the skeleton of the pooling variants (ResUNet, Attention U-Net, MultiResUNet,
+U-Net++): they override the hooks `_block`, `_skip_path`, `_gate` and `geometry` instead of
+copying the encoder–decoder loop.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from unet_jax.models import blocks
-
-ACTIVATIONS = {
-    'relu': nn.relu,
-    'gelu': nn.gelu,
-    'silu': nn.silu,
-    'leaky_relu': nn.leaky_relu,
-    'elu': nn.elu,
-}
+from unet_jax.models import sizes
+from unet_jax.models.blocks import ACTIVATIONS, activation_by_name  # pylint: disable=unused-import
 
 
-def activation_by_name(name: str):
-  try:
-    return ACTIVATIONS[name]
-  except KeyError:
-    raise ValueError(f'model.activation={name!r} is not one of {sorted(ACTIVATIONS)}') from None
-
-
-class UNet(nn.Module):
+class UNet(sizes.SizeContract, nn.Module):
   """U-Net: `depth` down-sampling steps, channel width doubling per level.
 
   Attributes:
@@ -40,12 +32,14 @@ class UNet(nn.Module):
     depth: number of 2× down-sampling steps (the paper has 4).
     padding: 'SAME' keeps sizes; 'VALID' is the paper mode (each conv trims a pixel per border,
       skip features are center-cropped before concatenation).
-    upsample: 'transpose' (2×2 up-convolution, the paper) or 'resize' (bilinear + 1×1 conv).
-    norm: 'none' (the paper), 'batch', 'group' or 'layer'.
+    upsample: 'transpose' (2×2 up-convolution, the paper) or 'resize' (linear + 1×1 conv).
+    norm: 'none' (the paper), 'batch', 'group', 'instance' or 'layer'.
     activation: name from ACTIVATIONS.
     dropout_rate: dropout after the conv blocks of the two deepest levels (the paper's
       "drop-out layers at the end of the contracting path").
-    dtype: compute dtype; parameters stay float32.
+    dtype: compute dtype; parameters stay float32 and logits are returned as float32.
+    remat: recompute the activations of every conv block in the backward pass (less memory,
+      more compute; same outputs and parameters).
   """
 
   num_classes: int = 2
@@ -57,26 +51,54 @@ class UNet(nn.Module):
   activation: str = 'relu'
   dropout_rate: float = 0.0
   dtype: Any = jnp.float32
+  remat: bool = False
+
+  def geometry(self) -> sizes.PoolingGeometry:
+    """Two 3×3 convolutions per block: 4 pixels trimmed per block with VALID padding."""
+    return sizes.PoolingGeometry(self.depth, self.padding, block_trim=4)
+
+  def _block(self, *, dropout: bool) -> Callable[..., nn.Module]:
+    """Constructor `block(features, name=...)` of the conv block at one stage."""
+    return functools.partial(blocks.remat_if(blocks.ConvBlock, self.remat), padding=self.padding,
+                             norm=self.norm, activation=activation_by_name(self.activation),
+                             dropout_rate=self.dropout_rate if dropout else 0.0, dtype=self.dtype)
+
+  def _skip_path(self, level: int) -> Callable[..., nn.Module] | None:
+    """Constructor of a module applied to the level's skip features, or None (plain U-Net)."""
+    del level
+    return None
+
+  def _gate(self, level: int) -> Callable[..., nn.Module] | None:
+    """Constructor of the decoder's skip gate at `level`, or None (plain U-Net)."""
+    del level
+    return None
+
+  def _encode(self, x: jax.Array, levels: int, *, train: bool) -> list[jax.Array]:
+    """Encoder outputs of levels 0..levels, from full resolution to the bottleneck."""
+    self.geometry()  # validates padding and depth before any shape error can hide them
+    x = x.astype(self.dtype)
+    features = []
+    for level in range(levels + 1):
+      # The two deepest levels of the full network carry the dropout.
+      block = self._block(dropout=level >= self.depth - 1)
+      x = blocks.EncoderStage(self.width * 2**level, downsample=level > 0, block=block,
+                              name=f'encoder{level}')(x, train=train)
+      features.append(x)
+    return features
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
     """Maps (N, *spatial, C_in) images to (N, *spatial_out, num_classes) float32 logits."""
-    if self.padding not in blocks.PADDINGS:
-      raise ValueError(f'model.padding={self.padding!r} is not one of {blocks.PADDINGS}')
-    x = x.astype(self.dtype)
-    block = functools.partial(blocks.ConvBlock, padding=self.padding, norm=self.norm,
-                              activation=activation_by_name(self.activation), dtype=self.dtype)
-    skips = []
-    for level in range(self.depth + 1):
-      deep = level >= self.depth - 1
-      stage_block = functools.partial(block, dropout_rate=self.dropout_rate if deep else 0.0)
-      x = blocks.EncoderStage(self.width * 2**level, downsample=level > 0, block=stage_block,
-                              name=f'encoder{level}')(x, train=train)
-      skips.append(x)
-    skips.pop()  # the bottleneck output feeds the decoder directly
+    skips = self._encode(x, self.depth, train=train)
+    x = skips.pop()  # the bottleneck output feeds the decoder directly
     for level in reversed(range(self.depth)):
-      x = blocks.DecoderStage(self.width * 2**level, self.upsample, block=block, dtype=self.dtype,
-                              name=f'decoder{level}')(x, skips[level], train=train)
+      skip = skips[level]
+      path = self._skip_path(level)
+      if path is not None:
+        skip = path(name=f'skip{level}')(skip, train)
+      x = blocks.DecoderStage(self.width * 2**level, self.upsample,
+                              block=self._block(dropout=False), gate=self._gate(level),
+                              dtype=self.dtype, name=f'decoder{level}')(x, skip, train=train)
     return blocks.Head(self.num_classes, dtype=self.dtype, name='head')(x)
 
 
@@ -86,56 +108,21 @@ def output_size(input_size: int, *, depth: int, padding: str) -> int:
   VALID: each conv block trims 4 pixels, each pooling needs an even size.
   SAME: the size must be divisible by 2**depth.
   """
-  if padding == 'SAME':
-    if input_size <= 0 or input_size % 2**depth:
-      raise ValueError(f'input size {input_size} is not a positive multiple of 2**depth = '
-                       f'{2**depth} (padding=SAME)')
-    return input_size
-  if padding != 'VALID':
-    raise ValueError(f'padding={padding!r} is not one of {blocks.PADDINGS}')
-  size = input_size
-  for _ in range(depth):
-    size -= 4
-    if size <= 0 or size % 2:
-      raise ValueError(f'input size {input_size} is invalid for a VALID U-Net of depth {depth}; '
-                       f'valid sizes: {valid_input_sizes(depth=depth, count=5)} ...')
-    size //= 2
-  size -= 4
-  for _ in range(depth):
-    size = 2 * size - 4
-  if size <= 0:
-    raise ValueError(f'input size {input_size} is too small for a VALID U-Net of depth {depth}; '
-                     f'the smallest valid size is {valid_input_sizes(depth=depth, count=1)[0]}')
-  return size
+  return sizes.PoolingGeometry(depth, padding).output_size(input_size)
 
 
 def valid_input_sizes(*, depth: int, count: int = 5, start: int = 1) -> list[int]:
   """The first `count` input sizes ≥ `start` a VALID U-Net of `depth` accepts.
 
   Valid sizes form an arithmetic progression with step 2**depth (e.g. 572 = 188 + 24·16 for the
-  paper), so counting upwards from the bottleneck is exact.
+  paper).
   """
-  sizes = []
-  bottom = 5  # bottleneck input size; its two convolutions leave bottom - 4 pixels
-  while len(sizes) < count:
-    size, out = bottom, bottom - 4
-    for _ in range(depth):
-      size, out = 2 * size + 4, 2 * out - 4
-    if out > 0 and size >= start:
-      sizes.append(size)
-    bottom += 1
-  return sizes
+  return sizes.PoolingGeometry(depth, 'VALID').valid_input_sizes(count, start)
 
 
 def valid_input_size(min_output: int, *, depth: int, padding: str) -> int:
   """The smallest input size whose output covers at least `min_output` pixels."""
-  if padding == 'SAME':
-    step = 2**depth
-    return -(-min_output // step) * step
-  size = valid_input_sizes(depth=depth, count=1)[0]
-  while output_size(size, depth=depth, padding=padding) < min_output:
-    size += 2**depth
-  return size
+  return sizes.PoolingGeometry(depth, padding).valid_input_size(min_output)
 
 
 def output_shape(input_shape: Sequence[int], *, depth: int, padding: str) -> tuple[int, ...]:
