@@ -129,6 +129,8 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   config.early_stopping.min_delta = 0.0
 
   config.checkpoint = ml_collections.ConfigDict()
+  config.checkpoint.every = 0  # extra checkpoints every N steps (0: at evaluations only)
+  config.checkpoint.keep_latest = 2  # two, so a corrupted latest one still leaves one to resume
   config.checkpoint.keep_best = 1
   config.checkpoint.best_metric = 'dice_membrane'
   config.checkpoint.best_mode = 'max'

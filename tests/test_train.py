@@ -105,7 +105,8 @@ def test_checkpoint_round_trip_restores_identical_state(tmp_path):
 
 def test_manager_keeps_latest_and_best(tmp_path):
   _, state, _ = _setup(_smoke_config(), 1)
-  manager = checkpointing.make_manager(str(tmp_path), keep_best=1, best_metric='dice_membrane')
+  manager = checkpointing.make_manager(str(tmp_path), keep_best=1, best_metric='dice_membrane',
+                                       keep_latest=1)
   for step, dice in [(1, 0.2), (2, 0.9), (3, 0.4), (4, 0.3)]:
     checkpointing.save(manager, step, state, {'next_index': step}, metrics={'dice_membrane': dice})
   checkpointing.wait(manager)

@@ -18,7 +18,7 @@ import orbax.checkpoint as ocp
 
 
 def make_manager(directory: str, *, keep_best: int, best_metric: str, best_mode: str = 'max',
-                 keep_latest: int = 1) -> ocp.CheckpointManager:
+                 keep_latest: int = 2) -> ocp.CheckpointManager:
   """A manager that keeps the `keep_latest` newest steps (for resume) and the `keep_best` best.
 
   The best are ranked by `best_metric` of the metrics passed to `save` (e.g. 'dice_membrane').
@@ -51,13 +51,24 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, extra: dict[str,
 
 def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any
                    ) -> tuple[Any, dict[str, Any]] | None:
-  """(state, extra) of the newest complete checkpoint, or None if there is none.
+  """(state, extra) of the newest readable checkpoint, or None if there is none.
+
+  Orbax only renames a step directory into place once it is complete, so a write killed half
+  way is never listed. A listed checkpoint that cannot be read (corrupted on disk) is skipped
+  with a warning naming it, and the one before it is used.
 
   `abstract_state` (from jax.eval_shape, with shardings) gives the tree structure and where
   every array lands, so optimizer state comes back as its own types, already sharded.
   """
-  step = manager.latest_step()
-  return None if step is None else restore(manager, step, abstract_state)
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      return restore(manager, step, abstract_state)
+    except Exception as e:  # pylint: disable=broad-except  (any unreadable file means skip it)
+      logging.getLogger('unet_jax').warning(
+          'checkpoint %s is unreadable and is skipped (%s: %s); trying the one before it',
+          os.path.join(str(manager.directory), str(step)), type(e).__name__,
+          str(e).splitlines()[0][:200] if str(e) else '')
+  return None
 
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any

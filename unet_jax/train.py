@@ -11,6 +11,7 @@ metric stalls, halts on a non-finite loss (or skips such steps), and on SIGTERM 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -185,6 +186,9 @@ def check_config(config: ml_collections.ConfigDict, spatial_rank: int = 2) -> tu
   for field in ('num_steps', 'log_every', 'eval_every'):
     if config[field] < 1:
       raise ValueError(f'config.{field}={config[field]} must be ≥ 1')
+  if config.checkpoint.every < 0:
+    raise ValueError(f'config.checkpoint.every={config.checkpoint.every} must be ≥ 0 (0: '
+                     'checkpoint at evaluations only)')
   if config.nonfinite not in NONFINITE_POLICIES:
     raise ValueError(f'config.nonfinite={config.nonfinite!r} is not one of {NONFINITE_POLICIES}')
   if config.data.augment_on not in AUGMENT_ON:
@@ -240,7 +244,8 @@ def make_step_fn(config: ml_collections.ConfigDict, setup: Setup) -> Callable:
 def make_manager(config: ml_collections.ConfigDict, workdir: str):
   return checkpointing.make_manager(
       os.path.join(workdir, 'checkpoints'), keep_best=config.checkpoint.keep_best,
-      best_metric=config.checkpoint.best_metric, best_mode=config.checkpoint.best_mode)
+      best_metric=config.checkpoint.best_metric, best_mode=config.checkpoint.best_mode,
+      keep_latest=config.checkpoint.keep_latest)
 
 
 class _StopSignal:
@@ -258,6 +263,15 @@ class _StopSignal:
   def __exit__(self, *exc):
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
+
+
+@contextlib.contextmanager
+def _finish_saves_on_exit(manager):
+  """Completes checkpoints still being written, also when the loop halts with an error."""
+  try:
+    yield
+  finally:
+    checkpointing.wait(manager)
 
 
 class _EarlyStopping:
@@ -386,13 +400,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   pending: list[dict[str, jax.Array]] = []
   last_time, last_step = time.perf_counter(), start_step
   stopped_early = preempted = False
-  with _StopSignal() as stop:
+  with _StopSignal() as stop, _finish_saves_on_exit(manager):
     for step in range(start_step + 1, config.num_steps + 1):
       state, step_metrics = step_fn(state, sharding.to_global(next(train_iter), mesh), step_rng)
       pending.append(step_metrics)
       bar.update(1)
       eval_now = step % config.eval_every == 0 or step == config.num_steps
-      if step % config.log_every == 0 or eval_now:
+      save_now = bool(config.checkpoint.every) and step % config.checkpoint.every == 0
+      # Steps that save also log: the non-finite check must pass before any state is written.
+      if step % config.log_every == 0 or eval_now or save_now:
         summary = {k: float(np.mean([m[k] for m in jax.device_get(pending)])) for k in pending[0]}
         summary['nonfinite_steps'] *= len(pending)
         now = time.perf_counter()
@@ -418,8 +434,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                    'evaluations (best %.4f)', step, early_stopping.metric,
                    early_stopping.min_delta, early_stopping.patience, early_stopping.best)
           break
+      elif save_now:
+        save(step)  # cheap and frequent: no metrics, so it never counts among the best
       if stop.received.is_set() or (jax.process_count() > 1 and manager.reached_preemption(step)):
-        if not eval_now:
+        if not (eval_now or save_now):
           save(step)
         preempted = True
         log.info('SIGTERM at step %d: checkpoint saved; rerun the same command to resume', step)
