@@ -4,6 +4,8 @@ r"""The one entry point: train (default), evaluate or predict with a config and 
   python launch.py --config=experiments/isbi.py:cpu --workdir=runs/isbi_cpu \
       --config.data.directory=../shared/data/isbi2012 --config.num_steps=2000
   python launch.py --mode=eval --config=... --workdir=... --split=val --checkpoint=best
+  python launch.py --mode=predict --config=... --workdir=... --input=IMAGES --output=DIR --tta=dihedral
+  python launch.py --mode=export --config=... --workdir=... --output=predictor.stablehlo
   python launch.py --config=experiments/isbi.py:cpu --workdir=runs/sweep --sweep
   python launch.py --config=experiments/isbi.py:cpu --workdir=runs/cv --config.data.folds=5
 
@@ -23,10 +25,11 @@ from absl import flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-MODES = ('train', 'eval')
+MODES = ('train', 'eval', 'predict', 'export')
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and predictions.',
                     required=True)
-flags.DEFINE_enum('mode', 'train', MODES, 'train (resumes automatically) or eval a checkpoint.')
+flags.DEFINE_enum('mode', 'train', MODES, 'train (resumes automatically), eval a checkpoint, '
+                  'predict images with it, or export it as StableHLO.')
 flags.DEFINE_bool('sweep', False, "Train every point of the config file's sweep().")
 flags.DEFINE_bool('allow_config_change', False,
                   'Resume a workdir although its saved config differs from this one.')
@@ -37,6 +40,15 @@ flags.DEFINE_bool('distributed', False,
 flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-process runs).')
 flags.DEFINE_integer('num_processes', None, 'Number of processes (with --coordinator_address).')
 flags.DEFINE_integer('process_id', None, 'This process, 0..num_processes-1.')
+flags.DEFINE_string('input', None, 'predict mode: a PNG/TIFF file or a folder of them.')
+flags.DEFINE_string('output', None, 'predict mode: output folder; export mode: output file.')
+flags.DEFINE_enum('tta', 'none', ('none', 'flips', 'dihedral'),
+                  'predict mode: test-time augmentation (dihedral = the 8 flips/rotations).')
+flags.DEFINE_string('tile_size', None, 'predict/export: tile input size (default: crop_size).')
+flags.DEFINE_float('overlap', 0.25, 'predict mode: tile overlap fraction for SAME-padding nets.')
+flags.DEFINE_integer('min_size', 0, 'predict mode: remove components smaller than this.')
+flags.DEFINE_integer('hole_size', 0, 'predict mode: fill holes smaller than this.')
+flags.DEFINE_bool('crf', False, 'predict mode: refine 2D probabilities with a dense CRF.')
 config_flags.DEFINE_config_file('config', None, 'Config file, e.g. experiments/isbi.py:cpu.',
                                 lock_config=True)
 FLAGS = flags.FLAGS
@@ -74,8 +86,22 @@ def main(argv):
   from unet_jax import runs, train  # pylint: disable=g-import-not-at-top  (after flag parsing)
   _show_project_logs()
   config, workdir = FLAGS.config, FLAGS.workdir
+  tile = None if FLAGS.tile_size is None else tuple(int(t) for t in FLAGS.tile_size.split(','))
+  tile = tile[0] if tile is not None and len(tile) == 1 else tile
+  if FLAGS.mode in ('predict', 'export') and not FLAGS.output:
+    raise app.UsageError(f'--mode={FLAGS.mode} needs --output')
   if FLAGS.mode == 'eval':
     runs.evaluate_checkpoint(config, workdir, split=FLAGS.split, checkpoint=FLAGS.checkpoint)
+  elif FLAGS.mode == 'predict':
+    if not FLAGS.input:
+      raise app.UsageError('--mode=predict needs --input')
+    from unet_jax import predict  # pylint: disable=g-import-not-at-top
+    predict.run(config, workdir, FLAGS.input, FLAGS.output, tta=FLAGS.tta,
+                checkpoint=FLAGS.checkpoint, tile_size=tile, overlap=FLAGS.overlap,
+                min_size=FLAGS.min_size, hole_size=FLAGS.hole_size, crf=FLAGS.crf)
+  elif FLAGS.mode == 'export':
+    from unet_jax import export  # pylint: disable=g-import-not-at-top
+    export.run(config, workdir, FLAGS.output, checkpoint=FLAGS.checkpoint, tile_size=tile)
   elif FLAGS.sweep:
     runs.run_sweep(config, workdir, _sweep_points())
   elif config.data.folds:

@@ -1,13 +1,33 @@
-"""Whole-image prediction: mirror padding places output pixel i over image pixel i."""
+"""Whole-image and overlap-tile prediction, test-time augmentation, sharding."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scipy import signal
 
 from unet_jax import inference
+from unet_jax import sharding
+from unet_jax import tiling
 from unet_jax import transforms as T
 from unet_jax.models import UNet, output_size, valid_input_sizes
+
+
+def _random_variables(model, input_shape, seed=0):
+  """He-scaled random variables without running `model.init` (op-by-op init compiles slowly)."""
+  abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(input_shape))
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
+    name = jax.tree_util.keystr(path)
+    if 'var' in name or 'scale' in name:
+      return jnp.asarray(rng.uniform(0.5, 1.5, leaf.shape), leaf.dtype)
+    fan_in = np.prod(leaf.shape[:-1]) if len(leaf.shape) > 1 else 10
+    return jnp.asarray(rng.normal(size=leaf.shape) * np.sqrt(2 / fan_in), leaf.dtype)
+
+  return jax.tree_util.tree_map_with_path(draw, abstract)
 
 
 @pytest.mark.parametrize('padding,depth', [('VALID', 2), ('VALID', 1), ('SAME', 2)])
@@ -26,8 +46,8 @@ def test_valid_net_output_lines_up_with_the_image():
   """Any valid sub-window of the padded image predicts the same pixels as the full pass."""
   model = UNet(num_classes=2, width=2, depth=2, padding='VALID')
   image = np.random.default_rng(0).normal(size=(1, 30, 26, 1)).astype(np.float32)
-  variables = model.init(jax.random.key(0), jnp.zeros((1, 44, 44, 1)))
-  apply = lambda x: model.apply(variables, x)
+  variables = _random_variables(model, (1, 44, 44, 1))
+  apply = functools.partial(jax.jit(model.apply), variables)
   full = np.asarray(inference.predict_logits(apply, image, depth=2, padding='VALID'))
   assert full.shape == (1, 30, 26, 2)
   pads = inference.model_padding((30, 26), depth=2, padding='VALID')
@@ -43,7 +63,8 @@ def test_valid_net_output_lines_up_with_the_image():
     r0, c0 = top + border - pads[0][0], left + border - pads[1][0]
     rows = [r for r in range(r0, r0 + out) if 0 <= r < 30]
     cols = [c for c in range(c0, c0 + out) if 0 <= c < 26]
-    np.testing.assert_allclose(local[0, rows[0] - r0:rows[-1] - r0 + 1, cols[0] - c0:cols[-1] - c0 + 1],
+    np.testing.assert_allclose(local[0, rows[0] - r0:rows[-1] - r0 + 1,
+                                     cols[0] - c0:cols[-1] - c0 + 1],
                                full[0, rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1],
                                rtol=1e-5, atol=1e-5)
 
@@ -51,9 +72,195 @@ def test_valid_net_output_lines_up_with_the_image():
 def test_same_net_prediction_equals_a_plain_forward_pass():
   model = UNet(num_classes=3, width=2, depth=2, padding='SAME')
   image = np.random.default_rng(1).normal(size=(2, 32, 24, 1)).astype(np.float32)
-  variables = model.init(jax.random.key(0), jnp.asarray(image))
-  apply = lambda x: model.apply(variables, x)
+  variables = _random_variables(model, image.shape)
+  apply = functools.partial(jax.jit(model.apply), variables)
   np.testing.assert_allclose(inference.predict_logits(apply, image, depth=2, padding='SAME'),
                              apply(jnp.asarray(image)), rtol=1e-6)
   probs = inference.probabilities(apply(jnp.asarray(image)))
   np.testing.assert_allclose(np.asarray(probs).sum(-1), 1.0, rtol=1e-5)
+
+
+# Overlap-tile prediction (TiledPredictor).
+
+def _softmax(x):
+  e = np.exp(x - x.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
+
+
+def _pixelwise(variables, x):
+  """A SAME "model" whose logits at a pixel depend only on that pixel."""
+  del variables
+  return jnp.concatenate([jnp.sin(3 * x), x**2 - 1, 0.5 * x], axis=-1)
+
+
+SAME_IDENTITY = tiling.TileGeometry(output_size=lambda s: s, valid_input_size=lambda s: s,
+                                    size_multiple=4)
+
+
+@pytest.mark.parametrize('shape,tile,overlap,blend', [
+    ((37, 50), 16, 0.5, 'gaussian'),
+    ((37, 50), 16, 0.25, 'constant'),
+    ((9, 6), 16, 0.25, 'gaussian'),      # smaller than one tile
+    ((13, 21, 10), 8, 0.5, 'gaussian'),  # a volume
+])
+def test_same_tiles_stitch_to_the_whole_image_function(shape, tile, overlap, blend):
+  image = np.random.default_rng(0).normal(size=(*shape, 1)).astype(np.float32)
+  predictor = inference.TiledPredictor(_pixelwise, {}, geometry=SAME_IDENTITY, tile_size=tile,
+                                       batch_size=3, overlap=overlap, blend=blend)
+  assert len(predictor.plan(shape)) > 1 or max(shape) <= tile
+  probs = predictor(image)
+  assert probs.shape == (*shape, 3) and probs.dtype == np.float32
+  np.testing.assert_allclose(probs, _softmax(np.asarray(_pixelwise(None, image))), atol=1e-6)
+
+
+def _valid_unet(depth=2):
+  model = UNet(num_classes=2, width=2, depth=depth, padding='VALID')
+  return model, _random_variables(model, (1, 44, 44, 1), seed=3)
+
+
+@pytest.mark.parametrize('shape,tile', [((45, 50), 60), ((45, 50), 52), ((7, 5), 48)])
+def test_valid_tiles_match_one_pass_over_the_mirror_padded_image(shape, tile):
+  model, variables = _valid_unet()
+  image = np.random.default_rng(1).normal(size=(*shape, 1)).astype(np.float32)
+  predictor = inference.TiledPredictor.for_model(model, variables, tile_size=tile, batch_size=4)
+  assert len(predictor.plan(shape)) > 1 or max(shape) < 8
+  probs = predictor(image)
+  # Reference: one forward pass over the whole image, reflected (periodically) at the borders.
+  pads = inference.model_padding(shape, depth=2, padding='VALID')
+  padded = np.pad(image, [*pads, (0, 0)], mode='reflect')
+  logits = np.asarray(jax.jit(model.apply)(variables, jnp.asarray(padded[None])))[0]
+  reference = _softmax(logits[:shape[0], :shape[1]])
+  np.testing.assert_allclose(probs, reference, rtol=1e-5, atol=1e-6)
+  if min(shape) > max(max(p) for p in pads):  # the training evaluation's padding agrees
+    whole = inference.predict_logits(functools.partial(jax.jit(model.apply), variables),
+                                     image[None], depth=2,
+                                     padding='VALID')
+    np.testing.assert_allclose(probs, inference.probabilities(whole)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_an_image_of_one_tile_equals_a_plain_forward_pass():
+  model = UNet(num_classes=3, width=2, depth=2, padding='SAME', norm='batch')
+  image = np.random.default_rng(2).normal(size=(16, 24, 1)).astype(np.float32)
+  variables = _random_variables(model, (1, 16, 24, 1))
+  predictor = inference.TiledPredictor.for_model(model, variables, tile_size=(16, 24))
+  assert len(predictor.plan((16, 24))) == 1
+  plain = jax.jit(model.apply)(variables, jnp.asarray(image[None]))
+  np.testing.assert_allclose(predictor(image), inference.probabilities(plain)[0], rtol=1e-6,
+                             atol=1e-7)
+  np.testing.assert_allclose(predictor.predict_tiles(image[None]), inference.probabilities(plain),
+                             rtol=1e-6, atol=1e-7)
+  model, variables = _valid_unet()
+  image = image[:, :20, :1][:20]  # the output size of a 60-pixel tile
+  predictor = inference.TiledPredictor.for_model(model, variables, tile_size=60)
+  assert len(predictor.plan((16, 20))) == 1
+  padded = np.pad(image, [(20, 24), (20, 20), (0, 0)], mode='reflect')
+  plain = jax.jit(model.apply)(variables, jnp.asarray(padded[None]))[0, :16]
+  np.testing.assert_allclose(predictor(image), inference.probabilities(plain), rtol=1e-6,
+                             atol=1e-7)
+
+
+def test_valid_volume_matches_one_pass():
+  model = UNet(num_classes=2, width=2, depth=1, padding='VALID')
+  variables = _random_variables(model, (1, 20, 20, 20, 1), seed=1)
+  shape = (11, 9, 6)
+  image = np.random.default_rng(3).normal(size=(*shape, 1)).astype(np.float32)
+  predictor = inference.TiledPredictor.for_model(model, variables, tile_size=20, batch_size=4)
+  assert len(predictor.plan(shape)) > 1
+  pads = inference.model_padding(shape, depth=1, padding='VALID')
+  padded = np.pad(image, [*pads, (0, 0)], mode='reflect')
+  logits = np.asarray(jax.jit(model.apply)(variables, jnp.asarray(padded[None])))[0]
+  np.testing.assert_allclose(predictor(image), _softmax(logits[:11, :9, :6]), rtol=1e-5,
+                             atol=1e-6)
+
+
+KERNEL = np.array([[0.3, -1.0, 0.2], [0.5, 1.5, 0.0], [-0.7, 0.1, 0.9]], np.float32)
+
+
+def _valid_conv(variables, x):
+  """A VALID "model": a 3×3 correlation with an asymmetric kernel (trims one pixel per border)."""
+  y = jax.lax.conv_general_dilated(x, variables['kernel'][:, :, None, None], (1, 1), 'VALID',
+                                   dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  return jnp.concatenate([y, jnp.zeros_like(y)], axis=-1)
+
+
+CONV_GEOMETRY = tiling.TileGeometry(output_size=lambda s: s - 2 if s > 2 else _too_small(s),
+                                    valid_input_size=lambda o: o + 2, size_multiple=1)
+
+
+def _too_small(size):
+  raise ValueError(f'input size {size} is too small; valid sizes: [3, 4, 5]')
+
+
+@pytest.mark.parametrize('mode', ['none', 'flips', 'dihedral'])
+def test_tta_averages_the_inverse_transformed_predictions(mode):
+  image = np.random.default_rng(4).normal(size=(13, 18, 1)).astype(np.float32)
+  predictor = inference.TiledPredictor(_valid_conv, {'kernel': jnp.asarray(KERNEL)},
+                                       geometry=CONV_GEOMETRY, tile_size=8, batch_size=5)
+  probs = predictor(image, tta=mode)
+  # Predicting the transformed image and transforming back is correlating with the transformed
+  # kernel, so the reference averages over the kernel's orbit under the same transforms.
+  kernels = {'none': [KERNEL],
+             'flips': [KERNEL, KERNEL[::-1], KERNEL[:, ::-1], KERNEL[::-1, ::-1]],
+             'dihedral': [np.rot90(k, r) for k in (KERNEL, KERNEL[::-1]) for r in range(4)]}[mode]
+  padded = np.pad(image[..., 0], 1, mode='reflect')
+  reference = np.mean([_softmax(np.stack([signal.correlate2d(padded, k, mode='valid'),
+                                           np.zeros((13, 18))], -1)) for k in kernels], axis=0)
+  np.testing.assert_allclose(probs, reference, rtol=1e-5, atol=1e-6)
+  if mode != 'none':  # the augmentation really changes the result of an asymmetric model
+    assert np.abs(probs - predictor(image)).max() > 1e-2
+
+
+def test_tta_with_an_equivariant_model_is_exact():
+  image = np.random.default_rng(5).normal(size=(10, 23, 7, 1)).astype(np.float32)
+  predictor = inference.TiledPredictor(_pixelwise, {}, geometry=SAME_IDENTITY, tile_size=8)
+  expected = _softmax(np.asarray(_pixelwise(None, image)))
+  for mode in ('flips', 'dihedral'):
+    np.testing.assert_allclose(predictor(image, tta=mode), expected, atol=1e-6)
+  symmetric = (KERNEL + KERNEL[::-1] + KERNEL[:, ::-1] + KERNEL[::-1, ::-1]) / 4
+  symmetric = (symmetric + symmetric.T) / 2  # invariant under all 8 flips and rotations
+  image = image[:, :, 0]
+  predictor = inference.TiledPredictor(_valid_conv, {'kernel': jnp.asarray(symmetric)},
+                                       geometry=CONV_GEOMETRY, tile_size=9)
+  np.testing.assert_allclose(predictor(image, tta='dihedral'), predictor(image), atol=1e-6)
+
+
+def test_transforms_invert_and_are_distinct():
+  x = np.random.default_rng(6).normal(size=(3, 4, 2))
+  for mode, count in [('none', 1), ('flips', 4), ('dihedral', 8)]:
+    transforms = inference.tta_transforms(mode, rank=2)
+    assert len(transforms) == count
+    outputs = {t.forward(x, 2).tobytes() + bytes(t.forward(x, 2).shape) for t in transforms}
+    assert len(outputs) == count
+    for t in transforms:
+      np.testing.assert_array_equal(t.inverse(t.forward(x, 2), 2), x)
+  with pytest.raises(ValueError, match='dihedral'):
+    inference.tta_transforms('rot90', rank=2)
+
+
+def test_one_and_eight_devices_agree():
+  assert jax.device_count() == 8
+  model = UNet(num_classes=2, width=2, depth=2, padding='SAME', norm='batch')
+  variables = _random_variables(model, (1, 16, 16, 1), seed=2)
+  image = np.random.default_rng(7).normal(size=(40, 36, 1)).astype(np.float32)
+  results = []
+  for devices in (1, 8):
+    predictor = inference.TiledPredictor.for_model(model, variables, tile_size=16, batch_size=5,
+                                                   overlap=0.5, mesh=sharding.make_mesh(devices))
+    assert predictor.batch_size == (5 if devices == 1 else 8)
+    results.append(predictor(image, tta='flips'))
+  np.testing.assert_allclose(results[0], results[1], rtol=1e-6, atol=1e-7)
+
+
+def test_predictor_errors_are_clear():
+  with pytest.raises(ValueError, match='valid .*sizes'):
+    inference.TiledPredictor.for_model(UNet(depth=2, padding='VALID'), {}, tile_size=50)
+  with pytest.raises(ValueError, match='gaussian'):
+    inference.TiledPredictor(_pixelwise, {}, geometry=SAME_IDENTITY, tile_size=8, blend='box')
+  predictor = inference.TiledPredictor(_pixelwise, {}, geometry=SAME_IDENTITY, tile_size=(8, 8))
+  with pytest.raises(ValueError, match='spatial dims'):
+    predictor(np.zeros((8, 8, 8, 1), np.float32))
+  with pytest.raises(ValueError, match='one batch of 8'):
+    predictor.predict_tiles(np.zeros((9, 8, 8, 1), np.float32))
+  wrong = tiling.TileGeometry(lambda s: s - 2, lambda o: o + 2, 1)  # does not describe the model
+  with pytest.raises(ValueError, match='geometry'):
+    inference.TiledPredictor(_pixelwise, {}, geometry=wrong, tile_size=8)(np.zeros((9, 9, 1)))

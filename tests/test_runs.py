@@ -104,6 +104,16 @@ def test_launcher_trains_with_overrides_then_evaluates_a_checkpoint(tmp_path):
   assert evaluated.returncode == 0, evaluated.stderr
   scores = json.load(open(tmp_path / 'eval_val_step3.json'))
   assert scores['dice_membrane'] == final['dice_membrane']
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  os.makedirs(tmp_path / 'in')
+  Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 52), np.uint8)).save(
+      tmp_path / 'in' / 'x.png')
+  predicted = _launch(f'--workdir={tmp_path}', '--config.model.width=2', '--config.num_steps=3',
+                      '--mode=predict', f'--input={tmp_path / "in"}',
+                      f'--output={tmp_path / "out"}', '--tta=flips')
+  assert predicted.returncode == 0, predicted.stderr
+  mask = np.asarray(Image.open(tmp_path / 'out' / 'x_mask.png'))
+  assert mask.shape == (40, 52) and set(np.unique(mask)) <= {0, 1}
   bad = _launch(f'--workdir={tmp_path}', '--config.model.widht=2')
   assert bad.returncode != 0 and 'widht' in bad.stderr
 

@@ -1,24 +1,43 @@
-"""Whole-image prediction with mirror padding.
+"""Prediction of whole images: one mirror-padded pass, or overlap tiles with test-time augmentation.
 
-A VALID-padding U-Net sees `(in - out) / 2` pixels of context beyond each border of its output;
-the paper supplies that context at image borders by mirroring. `model_padding` says how much to
-mirror so that one forward pass covers a whole image, and `predict_logits` runs it. For a SAME
-net the padding only rounds the size up to a multiple of 2**depth.
+Shapes: images `(*spatial, C_in)` float32, already normalised like the training data;
+probabilities `(*spatial, C)` float32; batched functions take and return a leading N.
 
-Alignment: after padding by `model_padding`, output pixel i lies over image pixel i, so logits
-are sliced `[:size]` along every spatial dim.
+`predict_logits` runs a model once over a whole mirror-padded batch (training's evaluation uses
+it). `TiledPredictor` handles images of any size in bounded memory with the paper's overlap-tile
+strategy (tile placement in unet_jax/tiling.py): tiles are predicted in fixed-size batches by one
+jit-compiled function whose batch is split over every device of the mesh, and each batch's
+probabilities are added into a host accumulator the size of the image, so only one batch of
+tile outputs exists at a time. Test-time augmentation ('flips': the 4 flips, 'dihedral': all 8
+flips and 90° rotations, as the paper averaged rotated and flipped versions) predicts each
+transformed image, maps the probabilities back with the inverse transform and averages them.
+
+  predictor = TiledPredictor.for_model(model, variables, tile_size=572, batch_size=8)
+  probabilities = predictor(image, tta='dihedral')  # (H, W, C) for an image (H, W, C_in)
+
+Alignment of `model_padding`: after padding, output pixel i lies over image pixel i, so logits
+are sliced `[:size]` along every spatial dim. For a SAME net the padding only rounds the size up
+to a multiple of 2**depth.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unet_jax.models import output_size, valid_input_size
+from unet_jax import sharding
+from unet_jax import tiling
 from unet_jax import transforms as T
+from unet_jax.models import output_size, valid_input_size
+
+TTA_MODES = ('none', 'flips', 'dihedral')
+# (variables, images (N, *spatial, C_in)) → logits (N, *out, C)
+ApplyFn = Callable[[Any, jax.Array], jax.Array]
 
 
 def model_padding(spatial_shape: Sequence[int], *, depth: int, padding: str
@@ -50,4 +69,194 @@ def probabilities(logits: jax.Array) -> jax.Array:
   return jax.nn.softmax(logits, axis=-1)
 
 
-__all__: list[Any] = ['model_padding', 'crop_to', 'predict_logits', 'probabilities']
+@dataclasses.dataclass(frozen=True)
+class Transform:
+  """A test-time transform of the last two spatial axes: flip `flip` axes, then rotate k×90°.
+
+  Works on `(*spatial, C)` arrays of `rank` spatial dims; a 3D volume is flipped and rotated in
+  its (H, W) plane.
+  """
+
+  flip: tuple[int, ...]
+  k: int
+
+  def forward(self, x: np.ndarray, rank: int) -> np.ndarray:
+    x = np.flip(x, self.flip) if self.flip else x
+    return np.rot90(x, self.k, axes=(rank - 2, rank - 1)) if self.k else x
+
+  def inverse(self, y: np.ndarray, rank: int) -> np.ndarray:
+    y = np.rot90(y, -self.k, axes=(rank - 2, rank - 1)) if self.k else y
+    return np.flip(y, self.flip) if self.flip else y
+
+
+def tta_transforms(mode: str, rank: int) -> list[Transform]:
+  """'none': identity; 'flips': no/vertical/horizontal/both; 'dihedral': 4 rotations × 2 flips."""
+  if mode not in TTA_MODES:
+    raise ValueError(f'tta={mode!r} is not one of {TTA_MODES}')
+  if mode == 'none':
+    return [Transform((), 0)]
+  if rank < 2:
+    raise ValueError(f'tta={mode!r} needs at least 2 spatial dims, got {rank}')
+  rows, cols = rank - 2, rank - 1
+  if mode == 'flips':
+    return [Transform(f, 0) for f in ((), (rows,), (cols,), (rows, cols))]
+  return [Transform(f, k) for f in ((), (cols,)) for k in range(4)]
+
+
+def model_apply_fn(model: Any) -> ApplyFn:
+  """`(variables, images) → logits` of a flax model in inference mode.
+
+  Models with deep supervision return one output per head; the last is the prediction.
+  """
+
+  def apply(variables, images):
+    outputs = model.apply(variables, images, train=False)
+    return outputs[-1] if isinstance(outputs, (tuple, list)) else outputs
+
+  return apply
+
+
+def _tile_probabilities(apply_fn: ApplyFn, variables: Any, tiles: jax.Array) -> jax.Array:
+  return jax.nn.softmax(apply_fn(variables, tiles).astype(jnp.float32), axis=-1)
+
+
+class TiledPredictor:
+  """Overlap-tile prediction of single images or volumes of any size.
+
+  One instance compiles its tile function once per tile shape and reuses it for every image,
+  transform and batch. Tiles are predicted `batch_size` at a time (rounded up to a multiple of
+  the mesh size; the last batch is filled with zero tiles whose outputs are dropped).
+
+  Args:
+    apply_fn: `(variables, images (N, *tile, C_in)) → logits (N, *out, C)`.
+    variables: the model variables (moved to the devices once, replicated).
+    geometry: the model's tile geometry (`tiling.geometry_for(model)`).
+    tile_size: tile input size, one int for every spatial dim or one per dim.
+    batch_size: tiles per compiled call, split over every device of the mesh.
+    overlap: SAME nets only: fraction of a tile shared with its neighbour, in [0, 1).
+    blend: SAME nets only: 'gaussian' or 'constant' weights in overlaps.
+    mesh: a `sharding.make_mesh` mesh (default: all devices); the variables are replicated.
+  """
+
+  def __init__(self, apply_fn: ApplyFn, variables: Any, *, geometry: tiling.TileGeometry,
+               tile_size: int | Sequence[int], batch_size: int = 8, overlap: float = 0.25,
+               blend: str = 'gaussian', mesh: jax.sharding.Mesh | None = None):
+    sizes = (tile_size,) if isinstance(tile_size, (int, np.integer)) else tuple(tile_size)
+    for size in sizes:
+      geometry.check_tile_size(size)
+    if blend not in tiling.BLENDS:
+      raise ValueError(f'blend={blend!r} is not one of {tiling.BLENDS}')
+    if not 0.0 <= overlap < 1.0:
+      raise ValueError(f'overlap={overlap} must be in [0, 1)')
+    if batch_size < 1:
+      raise ValueError(f'batch_size={batch_size} must be ≥ 1')
+    self.geometry = geometry
+    self.tile_size = tile_size
+    self.overlap = overlap
+    self.blend = blend
+    self.mesh = mesh if mesh is not None else sharding.make_mesh()
+    self.batch_size = -(-batch_size // self.mesh.size) * self.mesh.size
+    self._batch_sharding = sharding.batch_sharding(self.mesh)
+    replicated = sharding.replicated(self.mesh)
+    self._variables = jax.device_put(variables, replicated)
+    # Across processes every process reads the whole (replicated) output; on one host the
+    # per-device shards are fetched directly.
+    out_sharding = replicated if jax.process_count() > 1 else self._batch_sharding
+    self._fn = jax.jit(functools.partial(_tile_probabilities, apply_fn),
+                       in_shardings=(replicated, self._batch_sharding), out_shardings=out_sharding)
+
+  @classmethod
+  def for_model(cls, model: Any, variables: Any, **kwargs: Any) -> 'TiledPredictor':
+    """A predictor for a flax model in inference mode, with the geometry the model declares."""
+    kwargs.setdefault('geometry', tiling.geometry_for(model))
+    return cls(model_apply_fn(model), variables, **kwargs)
+
+  def tile_shape(self, rank: int) -> tuple[int, ...]:
+    if isinstance(self.tile_size, (int, np.integer)):
+      return (int(self.tile_size),) * rank
+    if len(self.tile_size) != rank:
+      raise ValueError(f'tile_size={tuple(self.tile_size)} has {len(self.tile_size)} dims but the '
+                       f'image has {rank} spatial dims')
+    return tuple(int(t) for t in self.tile_size)
+
+  def plan(self, spatial_shape: Sequence[int]) -> tiling.TilePlan:
+    return tiling.plan_tiles(spatial_shape, self.tile_shape(len(spatial_shape)), self.geometry,
+                             overlap=self.overlap)
+
+  def predict_tiles(self, tiles: np.ndarray) -> np.ndarray:
+    """Probabilities `(n, *out, C)` of up to `batch_size` tiles `(n, *tile, C_in)`."""
+    tiles = np.asarray(tiles, np.float32)
+    if not 1 <= len(tiles) <= self.batch_size:
+      raise ValueError(f'{len(tiles)} tiles do not fit one batch of {self.batch_size}')
+    return np.asarray(self._dispatch(tiles))[:len(tiles)]
+
+  def _dispatch(self, tiles: np.ndarray) -> jax.Array:
+    """Starts the prediction of one batch (zero-padded to batch_size) and returns at once."""
+    if len(tiles) < self.batch_size:
+      padding = np.zeros((self.batch_size - len(tiles), *tiles.shape[1:]), tiles.dtype)
+      tiles = np.concatenate([tiles, padding])
+    device_batch = jax.make_array_from_callback(tiles.shape, self._batch_sharding,
+                                                lambda index: tiles[index])
+    return self._fn(self._variables, device_batch)
+
+  def __call__(self, image: np.ndarray, *, tta: str = 'none') -> np.ndarray:
+    """Probabilities `(*spatial, C)` float32 of one normalised image `(*spatial, C_in)`."""
+    image = np.asarray(image, np.float32)
+    if image.ndim < 2:
+      raise ValueError(f'image of shape {image.shape} is not (*spatial, C)')
+    rank = image.ndim - 1
+    total = None
+    transforms = tta_transforms(tta, rank)
+    for transform in transforms:
+      probs = transform.inverse(self._predict_once(transform.forward(image, rank)), rank)
+      total = probs if total is None else total + probs
+    if len(transforms) > 1:
+      total /= len(transforms)
+    return np.ascontiguousarray(total)
+
+  def _predict_once(self, image: np.ndarray) -> np.ndarray:
+    spatial = image.shape[:-1]
+    plan = self.plan(spatial)
+    padded = plan.pad_image(image)
+    tiles = plan.tiles()
+    weights = tiling.blend_weights(plan.output_shape, self.blend) if plan.blended else None
+    accumulator: dict[str, np.ndarray] = {}
+    pending = None
+    for first in range(0, len(tiles), self.batch_size):
+      chunk = tiles[first:first + self.batch_size]
+      batch = np.zeros((self.batch_size, *plan.tile_shape, image.shape[-1]), np.float32)
+      for i, tile in enumerate(chunk):
+        batch[i] = padded[tile.input]
+      outputs = self._dispatch(batch)  # runs asynchronously
+      if pending is not None:  # add the previous batch while this one runs
+        self._accumulate(accumulator, *pending, spatial, plan.output_shape, weights)
+      pending = (outputs, chunk)
+    self._accumulate(accumulator, *pending, spatial, plan.output_shape, weights)
+    if weights is None:
+      return accumulator['sum']
+    return accumulator['sum'] / accumulator['weight'][..., None]
+
+  @staticmethod
+  def _accumulate(accumulator: dict[str, np.ndarray], outputs: jax.Array,
+                  chunk: list[tiling.Tile], spatial: tuple[int, ...],
+                  expected: tuple[int, ...], weights: np.ndarray | None) -> None:
+    outputs = np.asarray(outputs)
+    if outputs.shape[1:-1] != expected:
+      raise ValueError(f'the model maps tiles to {outputs.shape[1:-1]} but its geometry promises '
+                       f'{expected}; the TileGeometry does not describe this model')
+    if not accumulator:
+      accumulator['sum'] = np.zeros((*spatial, outputs.shape[-1]), np.float32)
+      if weights is not None:
+        accumulator['weight'] = np.zeros(spatial, np.float32)
+    for probs, tile in zip(outputs, chunk):
+      kept = probs[tile.source]
+      if weights is None:  # VALID: each pixel is owned by exactly one tile
+        accumulator['sum'][tile.destination] = kept
+      else:
+        w = weights[tile.source]
+        accumulator['sum'][tile.destination] += w[..., None] * kept
+        accumulator['weight'][tile.destination] += w
+
+
+__all__: list[Any] = ['TTA_MODES', 'TiledPredictor', 'Transform', 'crop_to', 'model_apply_fn',
+                      'model_padding', 'predict_logits', 'probabilities', 'tta_transforms']
