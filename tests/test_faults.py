@@ -18,8 +18,8 @@ from unet_jax import metric_writers
 from unet_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RUN = ['--config.num_steps=30', '--config.eval_every=15', '--config.log_every=1',
-       '--config.checkpoint.every=3', '--config.num_overlays=0']
+RUN = ['--config.num_steps=20', '--config.eval_every=10', '--config.log_every=1',
+       '--config.checkpoint.every=2', '--config.num_overlays=0']
 
 
 def _launch(workdir):
@@ -52,7 +52,7 @@ def test_kill_9_repeatedly_then_resume_equals_an_uninterrupted_run(tmp_path):
   workdir = tmp_path / 'killed'
   rng = random.Random(0)
   kills = 0
-  for target in (rng.randint(4, 9), rng.randint(12, 18), rng.randint(20, 26)):
+  for target in (rng.randint(3, 6), rng.randint(8, 12), rng.randint(14, 17)):
     process = _launch(workdir)
     deadline = time.time() + 300
     while process.poll() is None and _logged_steps(workdir) < target and time.time() < deadline:
