@@ -86,7 +86,12 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   config.model.activation = 'relu'
   config.model.dropout_rate = 0.5
   config.model.dtype = 'float32'  # 'bfloat16': bf16 compute, fp32 parameters and logits
-  config.model.remat = False  # recompute blocks in the backward pass: less memory, more compute
+  # Backward-pass rematerialisation of every block: 'none' | 'conv' (keep convolution outputs,
+  # recompute norm/activation) | 'full' (keep block inputs only; least memory, ~1.3× compute).
+  config.model.remat = 'none'
+  # 'auto': XLA's convolutions on GPU/TPU, the faster CPU backward pass where it wins
+  # (unet_jax/models/fast_conv.py); 'xla' or 'fast' force one. Same parameters either way.
+  config.model.conv_impl = 'auto'
   # Options of single variants (config.model.name picks one of unet_jax/models MODELS):
   config.model.unet_plus_plus = ml_collections.ConfigDict(
       dict(deep_supervision=False, prune_level=ml_collections.FieldReference(None, field_type=int)))

@@ -489,10 +489,11 @@ REMAT_BLOCKS = [
 ]
 
 
+@pytest.mark.parametrize('policy', ['conv', 'full'])
 @pytest.mark.parametrize('block,kwargs,shape', REMAT_BLOCKS)
-def test_remat_blocks_give_the_same_outputs_and_gradients(block, kwargs, shape):
+def test_remat_blocks_give_the_same_outputs_and_gradients(block, kwargs, shape, policy):
   x = jax.random.normal(jax.random.key(0), shape)
-  plain, remat = block(**kwargs), blocks.remat_if(block, True)(**kwargs)
+  plain, remat = block(**kwargs), blocks.remat_if(block, policy)(**kwargs)
   variables = _numpy_variables(plain, x, train=False)
   params, state = _split(variables)
 
@@ -519,6 +520,33 @@ def test_remat_models_have_the_same_parameters_and_checkpoint_their_blocks(name)
           == jax.tree.structure(variables['params']))
   jaxpr = str(jax.make_jaxpr(functools.partial(remat_model.apply, train=False))(variables, x))
   assert jaxpr.count('remat') >= 5  # at least the blocks of the 3 encoder and 2 decoder levels
+
+
+def _saved_for_backward(model, variables, x) -> int:
+  """Bytes of the residuals jax.vjp keeps for the backward pass of a training-mode loss."""
+  params, state = _split(variables)
+
+  def loss(params, state):
+    y, _ = model.apply({'params': params, **state}, x, train=True, mutable=['batch_stats'])
+    return jnp.sum(y)
+
+  residuals = jax.eval_shape(
+      lambda p, s: jax.tree.leaves(jax.vjp(lambda p: loss(p, s), p)[1]), params, state)
+  return sum(int(np.prod(r.shape)) * r.dtype.itemsize for r in residuals)
+
+
+def test_remat_policies_keep_less_for_the_backward_pass():
+  x = jnp.zeros((2, 32, 32, 1))
+  model = lambda remat: UNet(num_classes=2, width=8, depth=2, padding='SAME', norm='batch',
+                             remat=remat)
+  variables = jax.eval_shape(model('none').init, jax.random.key(0), x)
+  saved = {p: _saved_for_backward(model(p), variables, x) for p in blocks.REMAT_POLICIES}
+  # 'conv' drops the normalised and activated copies, 'full' everything but block inputs.
+  assert saved['none'] > 1.5 * saved['conv'] > 1.5 * saved['full'], saved
+  assert _saved_for_backward(model(True), variables, x) == saved['full']
+  assert _saved_for_backward(model(False), variables, x) == saved['none']
+  with pytest.raises(ValueError, match=r"model.remat='some' is not one of \('none', 'conv', "):
+    model('some').init(jax.random.key(0), x)
 
 
 def test_remat_unetr_gives_the_same_loss_and_gradients():

@@ -5,7 +5,13 @@ Every module here works on channels-last arrays of any spatial rank: (N, H, W, C
 
 Convolutional blocks (`ConvBlock`, `ResidualBlock`, `MultiResBlock`, `ResPath`) are called as
 `block(x, train)`. With padding='VALID' they shrink every spatial dim; shortcut branches are
-center-cropped to the main branch. `remat_if` wraps any of them in `nn.remat`.
+center-cropped to the main branch. `remat_if` wraps any of them in `nn.remat` under one of the
+REMAT_POLICIES.
+
+Convolutions are `fast_conv.Conv` / `fast_conv.ConvTranspose2x2`, drop-ins for flax's layers
+with the same parameters; `conv_impl` ('auto' | 'xla' | 'fast', see fast_conv.resolve_impl)
+picks how they are computed. 'auto' keeps XLA's convolutions on GPU/TPU and takes the faster
+backward pass on CPU where it was measured faster.
 """
 
 from __future__ import annotations
@@ -14,13 +20,25 @@ from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
+from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
+
+from unet_jax.models import fast_conv
 
 Dtype = Any
 
 NORMS = ('none', 'batch', 'group', 'instance', 'layer')
 PADDINGS = ('SAME', 'VALID')
 UPSAMPLINGS = ('transpose', 'resize')
+CONV_IMPLS = fast_conv.IMPLS
+# Rematerialisation of conv blocks in the backward pass (jax.checkpoint policies):
+#   'none'  store every activation (fastest, most memory);
+#   'conv'  store the convolution outputs only, recompute normalisation, activation and pooling
+#           (cheap element-wise work; about half the activation memory of a conv–norm–ReLU block);
+#   'full'  store only each block's input and recompute the whole block (least memory, one more
+#           forward pass of the convolutions).
+REMAT_POLICIES = ('none', 'conv', 'full')
+_CONV_OUTPUT = 'conv_output'  # checkpoint_name of the tensors the 'conv' policy keeps
 ACTIVATIONS = {
     'relu': nn.relu,
     'gelu': nn.gelu,
@@ -37,15 +55,42 @@ def activation_by_name(name: str) -> Callable[[jax.Array], jax.Array]:
     raise ValueError(f'model.activation={name!r} is not one of {sorted(ACTIVATIONS)}') from None
 
 
-def remat_if(block: type[nn.Module], enabled: bool) -> type[nn.Module]:
+def remat_policy(remat: bool | str) -> str:
+  """The policy name of `model.remat`; True and False stand for 'full' and 'none'."""
+  if isinstance(remat, bool):
+    return 'full' if remat else 'none'
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f'model.remat={remat!r} is not one of {REMAT_POLICIES} (or a bool)')
+  return remat
+
+
+def remat_if(block: type[nn.Module], remat: bool | str) -> type[nn.Module]:
   """`block`, or its `nn.remat` version that recomputes activations in the backward pass.
 
-  Blocks take `train` as their second positional argument so that it can be static here:
-  `jax.checkpoint` would trace a keyword argument, and Python control flow on it (BatchNorm's
-  running averages, dropout) needs a plain bool. Callers give the block an explicit name so the
-  parameter tree is the same with and without remat.
+  `remat` is one of REMAT_POLICIES (or a bool, see `remat_policy`). Blocks take `train` as their
+  second positional argument so that it can be static here: `jax.checkpoint` would trace a
+  keyword argument, and Python control flow on it (BatchNorm's running averages, dropout) needs
+  a plain bool. Callers give the block an explicit name so the parameter tree is the same with
+  and without remat.
   """
-  return nn.remat(block, static_argnums=(2,)) if enabled else block
+  policy = remat_policy(remat)
+  if policy == 'none':
+    return block
+  if policy == 'conv':
+    return nn.remat(block, static_argnums=(2,),
+                    policy=jax.checkpoint_policies.save_only_these_names(_CONV_OUTPUT))
+  return nn.remat(block, static_argnums=(2,), policy=jax.checkpoint_policies.nothing_saveable)
+
+
+def conv(features: int, kernel_size: Sequence[int], *, conv_impl: str, name: str | None = None,
+         **kwargs: Any) -> nn.Module:
+  """A stride-1 convolution layer (nn.Conv's parameters) computed as `conv_impl` says."""
+  return fast_conv.Conv(features, tuple(kernel_size), impl=conv_impl, name=name, **kwargs)
+
+
+def tagged(y: jax.Array) -> jax.Array:
+  """Marks a convolution output as what remat policy 'conv' keeps."""
+  return checkpoint_name(y, _CONV_OUTPUT)
 
 
 def center_crop(x: jax.Array, spatial_shape: Sequence[int]) -> jax.Array:
@@ -111,11 +156,13 @@ class ConvNorm(nn.Module):
   norm: str = 'none'
   activation: Callable[[jax.Array], jax.Array] | None = None
   dtype: Dtype = jnp.float32
+  conv_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-    x = nn.Conv(self.features, (self.kernel,) * (x.ndim - 2), padding=self.padding,
-                use_bias=self.norm == 'none', dtype=self.dtype, name='conv')(x)
+    x = tagged(conv(self.features, (self.kernel,) * (x.ndim - 2), padding=self.padding,
+                    use_bias=self.norm == 'none', dtype=self.dtype, conv_impl=self.conv_impl,
+                    name='conv')(x))
     x = Norm(self.norm, dtype=self.dtype, name='norm')(x, train=train)
     return x if self.activation is None else self.activation(x)
 
@@ -132,13 +179,14 @@ class ConvBlock(nn.Module):
   activation: Callable[[jax.Array], jax.Array] = nn.relu
   dropout_rate: float = 0.0
   dtype: Dtype = jnp.float32
+  conv_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     kernel = (3,) * (x.ndim - 2)
     for i in range(2):
-      x = nn.Conv(self.features, kernel, padding=self.padding, use_bias=self.norm == 'none',
-                  dtype=self.dtype, name=f'conv{i}')(x)
+      x = tagged(conv(self.features, kernel, padding=self.padding, use_bias=self.norm == 'none',
+                      dtype=self.dtype, conv_impl=self.conv_impl, name=f'conv{i}')(x))
       x = Norm(self.norm, dtype=self.dtype, name=f'norm{i}')(x, train=train)
       x = self.activation(x)
     if self.dropout_rate > 0:
@@ -161,16 +209,18 @@ class ResidualBlock(nn.Module):
   activation: Callable[[jax.Array], jax.Array] = nn.relu
   dropout_rate: float = 0.0
   dtype: Dtype = jnp.float32
+  conv_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    conv = lambda name, kernel=3, act=None: ConvNorm(self.features, kernel, self.padding, self.norm,
-                                                    act, dtype=self.dtype, name=name)
-    y = conv('conv0', act=self.activation)(x, train=train)
-    y = conv('conv1')(y, train=train)
+    layer = lambda name, kernel=3, act=None: ConvNorm(
+        self.features, kernel, self.padding, self.norm, act, dtype=self.dtype,
+        conv_impl=self.conv_impl, name=name)
+    y = layer('conv0', act=self.activation)(x, train=train)
+    y = layer('conv1')(y, train=train)
     shortcut = x
     if x.shape[-1] != self.features:
-      shortcut = conv('shortcut', kernel=1)(x, train=train)
+      shortcut = layer('shortcut', kernel=1)(x, train=train)
     y = self.activation(y + center_crop(shortcut, y.shape[1:-1]).astype(y.dtype))
     if self.dropout_rate > 0:
       y = nn.Dropout(self.dropout_rate, deterministic=not train)(y)
@@ -203,6 +253,7 @@ class MultiResBlock(nn.Module):
   activation: Callable[[jax.Array], jax.Array] = nn.relu
   dropout_rate: float = 0.0
   dtype: Dtype = jnp.float32
+  conv_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -210,13 +261,13 @@ class MultiResBlock(nn.Module):
     branches, y = [], x
     for i, width in enumerate(widths):
       y = ConvNorm(width, 3, self.padding, self.norm, self.activation, dtype=self.dtype,
-                   name=f'conv{i}')(y, train=train)
+                   conv_impl=self.conv_impl, name=f'conv{i}')(y, train=train)
       branches.append(y)
     spatial = y.shape[1:-1]
     y = jnp.concatenate([center_crop(b, spatial) for b in branches], axis=-1)
     y = Norm(self.norm, dtype=self.dtype, name='concat_norm')(y, train=train)
     shortcut = ConvNorm(sum(widths), 1, self.padding, self.norm, dtype=self.dtype,
-                        name='shortcut')(x, train=train)
+                        conv_impl=self.conv_impl, name='shortcut')(x, train=train)
     y = self.activation(y + center_crop(shortcut, spatial))
     y = Norm(self.norm, dtype=self.dtype, name='out_norm')(y, train=train)
     if self.dropout_rate > 0:
@@ -237,27 +288,36 @@ class ResPath(nn.Module):
   norm: str = 'none'
   activation: Callable[[jax.Array], jax.Array] = nn.relu
   dtype: Dtype = jnp.float32
+  conv_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     for i in range(self.length):
       shortcut = ConvNorm(self.features, 1, self.padding, self.norm, dtype=self.dtype,
-                          name=f'shortcut{i}')(x, train=train)
+                          conv_impl=self.conv_impl, name=f'shortcut{i}')(x, train=train)
       y = ConvNorm(self.features, 3, self.padding, self.norm, self.activation, dtype=self.dtype,
-                   name=f'conv{i}')(x, train=train)
+                   conv_impl=self.conv_impl, name=f'conv{i}')(x, train=train)
       y = self.activation(y + center_crop(shortcut, y.shape[1:-1]))
       x = Norm(self.norm, dtype=self.dtype, name=f'norm{i}')(y, train=train)
     return x
 
 
 class Downsample(nn.Module):
-  """2× max pooling over every spatial dim; odd sizes are an error, not a silent crop."""
+  """2× max pooling over every spatial dim; odd sizes are an error, not a silent crop.
+
+  `conv_impl` picks the pooling's backward pass like the convolutions' (see
+  fast_conv.resolve_pool_impl); values and gradients are the same either way.
+  """
+
+  conv_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     if any(s % 2 for s in x.shape[1:-1]):
       raise ValueError(f'max pooling needs even spatial sizes, got {x.shape[1:-1]}; '
                        "use the model's valid_input_size() to choose an input size")
+    if fast_conv.resolve_pool_impl(self.conv_impl) == 'fast':
+      return fast_conv.max_pool_2x(x)
     window = (2,) * (x.ndim - 2)
     return nn.max_pool(x, window, strides=window)
 
@@ -273,17 +333,22 @@ class Upsample(nn.Module):
   mode: str = 'transpose'
   use_bias: bool = True
   dtype: Dtype = jnp.float32
+  conv_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     rank = x.ndim - 2
+    # The layer names are those flax gives unnamed nn.ConvTranspose / nn.Conv layers, so the
+    # parameter tree is that of the stock layers.
     if self.mode == 'transpose':
-      return nn.ConvTranspose(self.features, (2,) * rank, strides=(2,) * rank, padding='VALID',
-                              use_bias=self.use_bias, dtype=self.dtype)(x)
+      return tagged(fast_conv.ConvTranspose2x2(self.features, use_bias=self.use_bias,
+                                               dtype=self.dtype, impl=self.conv_impl,
+                                               name='ConvTranspose_0')(x))
     if self.mode == 'resize':
       shape = (x.shape[0], *(2 * s for s in x.shape[1:-1]), x.shape[-1])
       x = jax.image.resize(x, shape, method='linear')
-      return nn.Conv(self.features, (1,) * rank, use_bias=self.use_bias, dtype=self.dtype)(x)
+      return tagged(conv(self.features, (1,) * rank, use_bias=self.use_bias, dtype=self.dtype,
+                         conv_impl=self.conv_impl, name='Conv_0')(x))
     raise ValueError(f'model.upsample={self.mode!r} is not one of {UPSAMPLINGS}')
 
 
@@ -293,11 +358,12 @@ class EncoderStage(nn.Module):
   features: int
   downsample: bool
   block: Callable[..., nn.Module]
+  conv_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     if self.downsample:
-      x = Downsample()(x)
+      x = Downsample(self.conv_impl)(x)
     return self.block(self.features, name='block')(x, train)
 
 
@@ -315,13 +381,14 @@ class DecoderStage(nn.Module):
   gate: Callable[..., nn.Module] | None = None
   upsample_bias: bool = True
   dtype: Dtype = jnp.float32
+  conv_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array, skips: jax.Array | Sequence[jax.Array], *,
                train: bool) -> jax.Array:
     skips = [skips] if isinstance(skips, jax.Array) else list(skips)
     up = Upsample(self.features, self.upsample, use_bias=self.upsample_bias, dtype=self.dtype,
-                  name='upsample')(x)
+                  conv_impl=self.conv_impl, name='upsample')(x)
     skips = [center_crop(s, up.shape[1:-1]).astype(up.dtype) for s in skips]
     if self.gate is not None:
       if len(skips) != 1:
@@ -336,8 +403,10 @@ class Head(nn.Module):
 
   num_classes: int
   dtype: Dtype = jnp.float32
+  conv_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = nn.Conv(self.num_classes, (1,) * (x.ndim - 2), dtype=self.dtype)(x)
+    x = conv(self.num_classes, (1,) * (x.ndim - 2), dtype=self.dtype, conv_impl=self.conv_impl,
+             name='Conv_0')(x)
     return x.astype(jnp.float32)

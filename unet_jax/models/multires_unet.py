@@ -41,12 +41,10 @@ class MultiResUNet(UNet):
 
   def _block(self, *, dropout: bool) -> Callable[..., nn.Module]:
     return functools.partial(blocks.remat_if(blocks.MultiResBlock, self.remat), alpha=self.alpha,
-                             padding=self.padding, norm=self.norm,
-                             activation=blocks.activation_by_name(self.activation),
-                             dropout_rate=self.dropout_rate if dropout else 0.0, dtype=self.dtype)
+                             **self._block_options(dropout=dropout))
 
   def _skip_path(self, level: int) -> Callable[..., nn.Module]:
+    options = self._block_options(dropout=False)
+    del options['dropout_rate']  # Res paths have no dropout
     return functools.partial(blocks.remat_if(blocks.ResPath, self.remat), self.width * 2**level,
-                             self.depth - level, padding=self.padding, norm=self.norm,
-                             activation=blocks.activation_by_name(self.activation),
-                             dtype=self.dtype)
+                             self.depth - level, **options)

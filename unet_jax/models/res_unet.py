@@ -31,6 +31,4 @@ class ResUNet(UNet):
 
   def _block(self, *, dropout: bool) -> Callable[..., nn.Module]:
     return functools.partial(blocks.remat_if(blocks.ResidualBlock, self.remat),
-                             padding=self.padding, norm=self.norm,
-                             activation=blocks.activation_by_name(self.activation),
-                             dropout_rate=self.dropout_rate if dropout else 0.0, dtype=self.dtype)
+                             **self._block_options(dropout=dropout))

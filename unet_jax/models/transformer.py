@@ -70,13 +70,13 @@ class SelfAttention(nn.Module):
       raise ValueError(f'model.hidden_size={d} is not divisible by model.num_heads='
                        f'{self.num_heads}')
     head_dim = d // self.num_heads
-    qkv = nn.Dense(3 * d, use_bias=self.qkv_bias, dtype=self.dtype, name='qkv')(x)
+    qkv = blocks.tagged(nn.Dense(3 * d, use_bias=self.qkv_bias, dtype=self.dtype, name='qkv')(x))
     q, k, v = jnp.moveaxis(qkv.reshape(n, t, 3, self.num_heads, head_dim), 2, 0)
     logits = jnp.einsum('nqhd,nkhd->nhqk', q, k, preferred_element_type=jnp.float32)
     weights = jax.nn.softmax(logits / math.sqrt(head_dim), axis=-1).astype(self.dtype)
     weights = nn.Dropout(self.dropout_rate, deterministic=not train)(weights)
     y = jnp.einsum('nhqk,nkhd->nqhd', weights, v).reshape(n, t, d)
-    y = nn.Dense(d, dtype=self.dtype, name='out')(y)
+    y = blocks.tagged(nn.Dense(d, dtype=self.dtype, name='out')(y))
     return nn.Dropout(self.dropout_rate, deterministic=not train)(y)
 
 
@@ -89,9 +89,9 @@ class MlpBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    y = nn.Dense(self.mlp_dim, dtype=self.dtype, name='fc0')(x)
+    y = blocks.tagged(nn.Dense(self.mlp_dim, dtype=self.dtype, name='fc0')(x))
     y = nn.Dropout(self.dropout_rate, deterministic=not train)(nn.gelu(y, approximate=False))
-    y = nn.Dense(x.shape[-1], dtype=self.dtype, name='fc1')(y)
+    y = blocks.tagged(nn.Dense(x.shape[-1], dtype=self.dtype, name='fc1')(y))
     return nn.Dropout(self.dropout_rate, deterministic=not train)(y)
 
 
@@ -128,7 +128,7 @@ class ViTEncoder(nn.Module):
   taps: Sequence[int] = ()
   qkv_bias: bool = False
   dropout_rate: float = 0.0
-  remat: bool = False
+  remat: bool | str = 'none'
   dtype: blocks.Dtype = jnp.float32
 
   @nn.compact

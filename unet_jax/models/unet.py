@@ -38,8 +38,11 @@ class UNet(sizes.SizeContract, nn.Module):
     dropout_rate: dropout after the conv blocks of the two deepest levels (the paper's
       "drop-out layers at the end of the contracting path").
     dtype: compute dtype; parameters stay float32 and logits are returned as float32.
-    remat: recompute the activations of every conv block in the backward pass (less memory,
-      more compute; same outputs and parameters).
+    remat: rematerialisation of every conv block in the backward pass, one of
+      blocks.REMAT_POLICIES ('none', 'conv', 'full'; True/False mean 'full'/'none'): less memory
+      for more compute, same outputs and parameters.
+    conv_impl: how convolutions are computed, 'auto' | 'xla' | 'fast' (see
+      fast_conv.resolve_impl); same parameters and, to float32 rounding, the same function.
   """
 
   num_classes: int = 2
@@ -51,17 +54,24 @@ class UNet(sizes.SizeContract, nn.Module):
   activation: str = 'relu'
   dropout_rate: float = 0.0
   dtype: Any = jnp.float32
-  remat: bool = False
+  remat: bool | str = 'none'
+  conv_impl: str = 'auto'
 
   def geometry(self) -> sizes.PoolingGeometry:
     """Two 3×3 convolutions per block: 4 pixels trimmed per block with VALID padding."""
     return sizes.PoolingGeometry(self.depth, self.padding, block_trim=4)
 
+  def _block_options(self, *, dropout: bool) -> dict[str, Any]:
+    """Keyword arguments every conv block of this model takes."""
+    return dict(padding=self.padding, norm=self.norm,
+                activation=activation_by_name(self.activation),
+                dropout_rate=self.dropout_rate if dropout else 0.0, dtype=self.dtype,
+                conv_impl=self.conv_impl)
+
   def _block(self, *, dropout: bool) -> Callable[..., nn.Module]:
     """Constructor `block(features, name=...)` of the conv block at one stage."""
-    return functools.partial(blocks.remat_if(blocks.ConvBlock, self.remat), padding=self.padding,
-                             norm=self.norm, activation=activation_by_name(self.activation),
-                             dropout_rate=self.dropout_rate if dropout else 0.0, dtype=self.dtype)
+    return functools.partial(blocks.remat_if(blocks.ConvBlock, self.remat),
+                             **self._block_options(dropout=dropout))
 
   def _skip_path(self, level: int) -> Callable[..., nn.Module] | None:
     """Constructor of a module applied to the level's skip features, or None (plain U-Net)."""
@@ -82,7 +92,7 @@ class UNet(sizes.SizeContract, nn.Module):
       # The two deepest levels of the full network carry the dropout.
       block = self._block(dropout=level >= self.depth - 1)
       x = blocks.EncoderStage(self.width * 2**level, downsample=level > 0, block=block,
-                              name=f'encoder{level}')(x, train=train)
+                              conv_impl=self.conv_impl, name=f'encoder{level}')(x, train=train)
       features.append(x)
     return features
 
@@ -98,8 +108,10 @@ class UNet(sizes.SizeContract, nn.Module):
         skip = path(name=f'skip{level}')(skip, train)
       x = blocks.DecoderStage(self.width * 2**level, self.upsample,
                               block=self._block(dropout=False), gate=self._gate(level),
-                              dtype=self.dtype, name=f'decoder{level}')(x, skip, train=train)
-    return blocks.Head(self.num_classes, dtype=self.dtype, name='head')(x)
+                              dtype=self.dtype, conv_impl=self.conv_impl,
+                              name=f'decoder{level}')(x, skip, train=train)
+    return blocks.Head(self.num_classes, dtype=self.dtype, conv_impl=self.conv_impl,
+                       name='head')(x)
 
 
 def output_size(input_size: int, *, depth: int, padding: str) -> int:

@@ -70,8 +70,9 @@ class UNetPlusPlus(UNet):
         same_level = [nodes[i, k] for k in range(j)]
         nodes[i, j] = blocks.DecoderStage(
             self.width * 2**i, self.upsample, block=block, dtype=self.dtype,
-            name=f'node{i}_{j}')(nodes[i + 1, j - 1], same_level, train=train)
-    head = lambda j: blocks.Head(self.num_classes, dtype=self.dtype, name=f'head{j}')(nodes[0, j])
+            conv_impl=self.conv_impl, name=f'node{i}_{j}')(nodes[i + 1, j - 1], same_level, train=train)
+    head = lambda j: blocks.Head(self.num_classes, dtype=self.dtype, conv_impl=self.conv_impl,
+                                 name=f'head{j}')(nodes[0, j])
     if self.prune_level is not None or not self.deep_supervision:
       return head(levels)
     heads = [head(j) for j in range(1, levels + 1)]

@@ -43,12 +43,13 @@ class TokenUpsampler(nn.Module):
   upsample: str
   block: Callable[..., nn.Module]
   dtype: blocks.Dtype = jnp.float32
+  conv_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     for i in range(self.steps):
       x = blocks.Upsample(self.features, self.upsample, use_bias=False, dtype=self.dtype,
-                          name=f'upsample{i}')(x)
+                          conv_impl=self.conv_impl, name=f'upsample{i}')(x)
       if i:
         x = self.block(self.features, name=f'block{i}')(x, train)
     return x
@@ -70,7 +71,9 @@ class UNETR(sizes.SizeContract, nn.Module):
     norm, activation: of the convolutional blocks (paper: 'instance', 'leaky_relu').
     dropout_rate: dropout in the transformer (embeddings, attention, MLP).
     dtype: compute dtype; parameters stay float32 and logits are returned as float32.
-    remat: recompute transformer and residual block activations in the backward pass.
+    remat: rematerialisation policy of the transformer and residual blocks
+      (blocks.REMAT_POLICIES; 'conv' keeps convolution and dense-layer outputs).
+    conv_impl: how convolutions are computed (see UNet).
   """
 
   num_classes: int = 2
@@ -88,7 +91,8 @@ class UNETR(sizes.SizeContract, nn.Module):
   activation: str = 'leaky_relu'
   dropout_rate: float = 0.0
   dtype: Any = jnp.float32
-  remat: bool = False
+  remat: bool | str = 'none'
+  conv_impl: str = 'auto'
 
   def levels(self) -> int:
     """Decoder levels: log2(patch_size), checked against `depth` when that is set."""
@@ -129,14 +133,16 @@ class UNETR(sizes.SizeContract, nn.Module):
         remat=self.remat, dtype=self.dtype, name='vit')(x, train)
     block = functools.partial(blocks.remat_if(blocks.ResidualBlock, self.remat), padding='SAME',
                               norm=self.norm, activation=blocks.activation_by_name(self.activation),
-                              dtype=self.dtype)
+                              dtype=self.dtype, conv_impl=self.conv_impl)
     skips = [block(self.width, name='encoder0')(x, train)]
     for k, tokens in enumerate(taps, start=1):
       skips.append(TokenUpsampler(self.width * 2**k, levels - k, self.upsample, block,
-                                  dtype=self.dtype, name=f'encoder{k}')(tokens, train))
+                                  dtype=self.dtype, conv_impl=self.conv_impl,
+                                  name=f'encoder{k}')(tokens, train))
     y = final
     for level in reversed(range(levels)):
       y = blocks.DecoderStage(self.width * 2**level, self.upsample, block=block,
-                              upsample_bias=False, dtype=self.dtype,
+                              upsample_bias=False, dtype=self.dtype, conv_impl=self.conv_impl,
                               name=f'decoder{level}')(y, skips[level], train=train)
-    return blocks.Head(self.num_classes, dtype=self.dtype, name='head')(y)
+    return blocks.Head(self.num_classes, dtype=self.dtype, conv_impl=self.conv_impl,
+                       name='head')(y)
