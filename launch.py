@@ -13,7 +13,9 @@ Several hosts: run the same command on every host with --distributed (Cloud TPU 
 detected by jax.distributed), or name the coordinator explicitly:
   python launch.py ... --coordinator_address=10.0.0.2:1234 --num_processes=2 --process_id=0
 
-Rerunning with the same workdir resumes from its latest checkpoint.
+Rerunning with the same workdir resumes from its latest checkpoint. A config mistake (a bad
+--config.* override included) ends with one line `launch.py: error: config.<field>=...` and exit
+status 2, before anything is built; a checkpoint the disk refuses ends with one line and status 1.
 """
 
 import importlib.util
@@ -75,6 +77,22 @@ def _show_project_logs():
   project_log.propagate = False
 
 
+def _fail(message: str, status: int) -> None:
+  print(f'launch.py: error: {message}', file=sys.stderr)
+  sys.exit(status)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  try:
+    remaining = FLAGS(argv)
+    FLAGS.config.keys()  # a config file that failed to load raises only when first used
+    return remaining
+  except Exception as e:  # pylint: disable=broad-except  (absl flag errors, and ml_collections'
+    # KeyError/AttributeError for an unknown --config.* key)
+    from unet_jax import config_validation  # pylint: disable=g-import-not-at-top
+    _fail(config_validation.flag_error(e, argv), 2)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
@@ -83,13 +101,29 @@ def main(argv):
     # Before anything touches a device: every process must join first.
     jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
                                num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
-  from unet_jax import runs, train  # pylint: disable=g-import-not-at-top  (after flag parsing)
+  # pylint: disable-next=g-import-not-at-top  (after flag parsing and distributed setup)
+  from unet_jax import checkpointing, config_validation
   _show_project_logs()
-  config, workdir = FLAGS.config, FLAGS.workdir
+  try:
+    _run(FLAGS.config, FLAGS.workdir)
+  except config_validation.ConfigError as e:
+    _fail(str(e), 2)
+  except checkpointing.CheckpointWriteError as e:
+    _fail(str(e), 1)
+
+
+def _run(config, workdir: str) -> None:
+  """Validates the config (every sweep point too), then runs the mode the flags ask for."""
+  from unet_jax import config_validation, runs, train  # pylint: disable=g-import-not-at-top
   tile = None if FLAGS.tile_size is None else tuple(int(t) for t in FLAGS.tile_size.split(','))
   tile = tile[0] if tile is not None and len(tile) == 1 else tile
   if FLAGS.mode in ('predict', 'export') and not FLAGS.output:
     raise app.UsageError(f'--mode={FLAGS.mode} needs --output')
+  points = _sweep_points() if FLAGS.sweep and FLAGS.mode == 'train' else None
+  if points is None:  # K-fold runs are checked here too: validate() knows config.data.folds
+    config_validation.validate(config, mode=FLAGS.mode)
+  else:
+    config_validation.validate_points(config, points)
   if FLAGS.mode == 'eval':
     runs.evaluate_checkpoint(config, workdir, split=FLAGS.split, checkpoint=FLAGS.checkpoint)
   elif FLAGS.mode == 'predict':
@@ -102,8 +136,8 @@ def main(argv):
   elif FLAGS.mode == 'export':
     from unet_jax import export  # pylint: disable=g-import-not-at-top
     export.run(config, workdir, FLAGS.output, checkpoint=FLAGS.checkpoint, tile_size=tile)
-  elif FLAGS.sweep:
-    runs.run_sweep(config, workdir, _sweep_points())
+  elif points is not None:
+    runs.run_sweep(config, workdir, points)
   elif config.data.folds:
     runs.run_kfold(config, workdir)
   else:
@@ -112,4 +146,4 @@ def main(argv):
 
 if __name__ == '__main__':
   flags.mark_flags_as_required(['config'])
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -1,5 +1,6 @@
-"""Fault injection: kill -9, interrupted and corrupted checkpoints, non-finite losses."""
+"""Fault injection: kill -9, broken checkpoints, non-finite losses, a disk that fills up."""
 
+import errno
 import json
 import os
 import random
@@ -10,6 +11,7 @@ import time
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from experiments import quickstart
@@ -143,3 +145,97 @@ def test_a_nan_loss_never_reaches_a_checkpoint(tmp_path, monkeypatch):
   state, _ = _restore_latest(config, tmp_path)
   assert int(state.step) == 4
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(state.params)))
+
+
+# ---------------------------------------------------------------------------- a disk that fills up
+
+
+def _launch_with_file_size_limit(workdir, limit, *overrides):
+  """launch.py in a process whose files may not grow past `limit` bytes (RLIMIT_FSIZE), with
+  SIGXFSZ ignored: a write beyond the limit then fails with EFBIG, as a full disk fails with
+  ENOSPC, instead of killing the process."""
+  limited = ('import os, resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); '
+             'resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]),) * 2); '
+             'os.execv(sys.executable, [sys.executable, *sys.argv[2:]])')
+  command = [sys.executable, '-c', limited, str(limit), os.path.join(ROOT, 'launch.py'),
+             '--config=' + os.path.join(ROOT, 'experiments/quickstart.py') + ':smoke',
+             f'--workdir={workdir}', *overrides]
+  return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def test_a_full_disk_fails_clearly_keeps_the_earlier_checkpoint_and_a_rerun_resumes(
+    tmp_path, caplog):
+  config = quickstart.get_config('smoke')
+  config.update(dict(num_steps=2, eval_every=6, log_every=2, num_overlays=0))
+  config.checkpoint.every = 2
+  train.train_and_evaluate(config, str(tmp_path))  # checkpoint 2, written with room to spare
+  directory = str(tmp_path / 'checkpoints')
+  assert checkpointing.complete_steps(directory) == [2]
+
+  # Now files may not grow past 16 KiB: config.json, metrics.jsonl and the event file stay below
+  # it (a few KiB), every checkpoint holds larger files (_METADATA alone is ~50 KiB).
+  process = _launch_with_file_size_limit(
+      tmp_path, 16 << 10, '--config.num_steps=6', '--config.eval_every=6',
+      '--config.log_every=2', '--config.num_overlays=0', '--config.checkpoint.every=2')
+  assert process.returncode == 1, process.stderr[-3000:]
+  errors = [line for line in process.stderr.splitlines() if line.startswith('launch.py: error:')]
+  assert errors == [
+      'launch.py: error: file too large for the file system or the file-size limit (ulimit -f) '
+      f'(EFBIG) in {directory} while writing checkpoint 4; earlier checkpoints [2] are intact '
+      'and a rerun resumes from step 2; free space or choose another --workdir'], errors
+  assert 'launch.py", line' not in process.stderr  # no traceback of the main thread
+  assert checkpointing.complete_steps(directory) == [2]
+
+  state, extra = _restore_latest(config, tmp_path)
+  assert int(state.step) == 2 and 'iterator' in extra
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(state.params)))
+
+  config.num_steps = 6  # the same run with space again
+  with caplog.at_level('INFO', logger='unet_jax'):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert any('resuming from step 2' in r.getMessage() for r in caplog.records)
+  assert json.load(open(tmp_path / 'final_metrics.json'))['step'] == 6
+  assert checkpointing.complete_steps(directory)[-1] == 6
+
+
+@pytest.mark.parametrize('error,code', [
+    (OSError(errno.ENOSPC, 'No space left on device'), errno.ENOSPC),
+    (ValueError("OUT_OF_RANGE: Error writing local file \"/w/x\": Disk quota exceeded "
+                "[os_error_code='122']"), errno.EDQUOT),
+    (ValueError('File too large [os_error_code=27]'), errno.EFBIG),
+    (RuntimeError('write failed: No space left on device'), errno.ENOSPC),
+    (RuntimeError('commit failed'), None),
+    (OSError(errno.EACCES, 'Permission denied'), None),
+])
+def test_storage_errors_are_recognised_in_the_forms_orbax_hands_over(error, code):
+  assert checkpointing.storage_errno(error) == code
+  try:  # a chained cause, as orbax re-raises background failures
+    raise RuntimeError('save failed') from error
+  except RuntimeError as chained:
+    assert checkpointing.storage_errno(chained) == code
+
+
+def test_no_space_left_while_saving_names_the_step_and_the_intact_checkpoints(tmp_path,
+                                                                           monkeypatch):
+  manager = checkpointing.make_manager(str(tmp_path), keep_best=0, best_metric='dice_membrane')
+  state = {'w': np.arange(3, dtype=np.float32)}
+  for step in (1, 2):
+    checkpointing.save(manager, step, state, {'iterator': step})
+  checkpointing.wait(manager)
+
+  def full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, 'No space left on device')
+
+  monkeypatch.setattr(manager, 'save', full)
+  with pytest.raises(checkpointing.CheckpointWriteError) as info:
+    checkpointing.save(manager, 3, state, {'iterator': 3})
+  assert info.value.errno == errno.ENOSPC
+  assert str(info.value) == (
+      f'no space left on device (ENOSPC) in {tmp_path} while writing checkpoint 3; earlier '
+      'checkpoints [1, 2] are intact and a rerun resumes from step 2; free space or choose '
+      'another --workdir')
+  monkeypatch.undo()
+  restored = manager.restore(2, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                                         data=ocp.args.JsonRestore()))
+  np.testing.assert_array_equal(restored['state']['w'], state['w'])
+  manager.close()

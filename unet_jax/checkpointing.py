@@ -5,16 +5,45 @@ position, the early-stopping record), so a resumed run continues with the batche
 uninterrupted run would have seen. Orbax writes each step into a
 temporary directory and renames it when complete: a run killed mid-write leaves no half step
 that a later restore could pick up.
+
+A save that the file system refuses (no space left, quota exceeded, file too large) raises
+`CheckpointWriteError` in the calling thread, naming the directory, the step and the complete
+checkpoints that remain; the half-written step stays a temporary directory that the next run
+removes before it resumes from the newest complete one.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import re
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+BEST_MODES = ('max', 'min')
+# errno → what it means for a checkpoint write. EFBIG also comes from a process file-size limit
+# (ulimit -f, RLIMIT_FSIZE), not only from the file system.
+STORAGE_ERRNOS = {
+    errno.ENOSPC: 'no space left on device',
+    errno.EDQUOT: 'disk quota exceeded',
+    errno.EFBIG: 'file too large for the file system or the file-size limit (ulimit -f)',
+}
+# tensorstore reports OS errors inside its own message: "... File too large [os_error_code='27']".
+_TENSORSTORE_ERRNO = re.compile(r"os_error_code='?(\d+)")
+
+
+class CheckpointWriteError(OSError):
+  """A checkpoint write refused by the file system; earlier complete checkpoints are intact.
+
+  `str()` is the one-line message alone; `errno` is the code of STORAGE_ERRNOS behind it.
+  """
+
+  def __init__(self, message: str, code: int | None = None):
+    super().__init__(message)
+    self.errno = code
 
 
 def make_manager(directory: str, *, keep_best: int, best_metric: str, best_mode: str = 'max',
@@ -23,8 +52,8 @@ def make_manager(directory: str, *, keep_best: int, best_metric: str, best_mode:
 
   The best are ranked by `best_metric` of the metrics passed to `save` (e.g. 'dice_membrane').
   """
-  if best_mode not in ('max', 'min'):
-    raise ValueError(f"config.checkpoint.best_mode={best_mode!r} is not one of ('max', 'min')")
+  if best_mode not in BEST_MODES:
+    raise ValueError(f'config.checkpoint.best_mode={best_mode!r} is not one of {BEST_MODES}')
   metric = lambda metrics: metrics[best_metric]
   policies = [ocp.checkpoint_managers.LatestN(n=keep_latest)]
   if keep_best > 0:
@@ -43,10 +72,19 @@ def make_manager(directory: str, *, keep_best: int, best_metric: str, best_mode:
 def save(manager: ocp.CheckpointManager, step: int, state: Any, extra: dict[str, Any],
          metrics: dict[str, float] | None = None) -> None:
   """Starts an asynchronous save of `state` and the JSON-able `extra`; `wait(manager)` before
-  the process exits. `metrics` rank the checkpoint among the best."""
-  manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                             data=ocp.args.JsonSave(extra)),
-               metrics=metrics, force=True)
+  the process exits. `metrics` rank the checkpoint among the best.
+
+  Raises CheckpointWriteError when the file system refuses this write or the previous one,
+  which is still in flight when this is called (named by its own step).
+  """
+  wait(manager)
+  try:
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                               data=ocp.args.JsonSave(extra)),
+                 metrics=metrics, force=True)
+  except Exception as e:  # pylint: disable=broad-except  (re-raised unless the disk refused it)
+    _raise_if_storage_error(e, manager, step)
+    raise
 
 
 def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any
@@ -103,4 +141,57 @@ def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
 
 
 def wait(manager: ocp.CheckpointManager) -> None:
-  manager.wait_until_finished()
+  """Blocks until the save in flight is complete; CheckpointWriteError if the disk refused it."""
+  in_flight = manager.latest_step()  # orbax lists a step from the moment its save starts
+  try:
+    manager.wait_until_finished()
+  except Exception as e:  # pylint: disable=broad-except  (re-raised unless the disk refused it)
+    _raise_if_storage_error(e, manager, in_flight)
+    raise
+
+
+def storage_errno(error: BaseException) -> int | None:
+  """The errno of STORAGE_ERRNOS behind `error` (its causes and contexts included), or None.
+
+  Orbax hands over background-thread failures as they were raised there: an OSError from a
+  Python write, or a tensorstore ValueError that carries the OS error code in its message.
+  """
+  seen: set[int] = set()
+  pending = [error]
+  while pending:
+    e = pending.pop()
+    if e is None or id(e) in seen:
+      continue
+    seen.add(id(e))
+    code = e.errno if isinstance(e, OSError) else None
+    if code is None:
+      match = _TENSORSTORE_ERRNO.search(str(e))
+      code = int(match.group(1)) if match else next(  # messages that carry only the strerror
+          (c for c in STORAGE_ERRNOS if os.strerror(c) in str(e)), None)
+    if code in STORAGE_ERRNOS:
+      return code
+    pending += [e.__cause__, e.__context__, *getattr(e, 'exceptions', ())]
+  return None
+
+
+def complete_steps(directory: str) -> list[int]:
+  """Steps whose checkpoint directory is complete on disk (orbax renames a step into place
+  only once it is fully written; temporary directories carry a suffix)."""
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+
+
+def _raise_if_storage_error(error: Exception, manager: ocp.CheckpointManager,
+                            step: int | None) -> None:
+  code = storage_errno(error)
+  if code is None:
+    return
+  directory = str(manager.directory)
+  intact = [s for s in complete_steps(directory) if s != step]
+  kept = (f'earlier checkpoints {intact} are intact and a rerun resumes from step {intact[-1]}'
+          if intact else 'no earlier checkpoint exists, so a rerun starts from step 0')
+  raise CheckpointWriteError(
+      f'{STORAGE_ERRNOS[code]} ({errno.errorcode[code]}) in {directory} while writing '
+      f'checkpoint {step if step is not None else "?"}; {kept}; free space or choose another '
+      '--workdir', code) from error

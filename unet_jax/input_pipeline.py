@@ -72,30 +72,32 @@ def with_weight_maps(dataset: Dataset, config: Any) -> Dataset:
 
 def _read_tiff_stack(path: str, what: str) -> np.ndarray:
   import tifffile  # pylint: disable=g-import-not-at-top
+  from unet_jax.sources import DataError  # pylint: disable=g-import-not-at-top  (it imports us)
   if not os.path.isfile(path):
     raise FileNotFoundError(f'{what} file {path} does not exist; see data/README.md for how to '
                             'obtain the ISBI 2012 stacks')
   try:
     array = tifffile.imread(path)
   except Exception as e:  # tifffile raises many types on corrupt input
-    raise ValueError(f'{what} file {path} is not a readable TIFF stack: {e}') from e
+    raise DataError(f'{what} file {path} is not a readable TIFF stack: {e}') from e
   if array.size == 0:
-    raise ValueError(f'{what} file {path} is empty or not a readable TIFF stack')
+    raise DataError(f'{what} file {path} is empty or not a readable TIFF stack')
   if array.ndim == 2:
     array = array[None]
   if array.ndim != 3:
-    raise ValueError(f'{what} file {path} has shape {array.shape}; expected (slices, H, W)')
+    raise DataError(f'{what} file {path} has shape {array.shape}; expected (slices, H, W)')
   if array.dtype != np.uint8:
-    raise ValueError(f'{what} file {path} has dtype {array.dtype}; expected uint8')
+    raise DataError(f'{what} file {path} has dtype {array.dtype}; expected uint8')
   return array
 
 
 def isbi_labels_to_classes(labels: np.ndarray, *, path: str) -> np.ndarray:
   """ISBI polarity (255 interior, 0 membrane) → class ids (0 interior, 1 membrane)."""
+  from unet_jax.sources import DataError  # pylint: disable=g-import-not-at-top  (it imports us)
   bad = np.setdiff1d(np.unique(labels), [0, 255])
   if bad.size:
-    raise ValueError(f'label file {path} has values {bad[:10].tolist()} outside {{0, 255}} '
-                     '(ISBI polarity: 255 = cell interior, 0 = membrane)')
+    raise DataError(f'label file {path} has values {bad[:10].tolist()} outside {{0, 255}} '
+                    '(ISBI polarity: 255 = cell interior, 0 = membrane)')
   return (labels == 0).astype(np.uint8)
 
 
@@ -109,8 +111,9 @@ def load_isbi(directory: str) -> Dataset:
   images = _read_tiff_stack(image_path, 'image')
   labels = _read_tiff_stack(label_path, 'label')
   if images.shape != labels.shape:
-    raise ValueError(f'image file {image_path} has shape {images.shape} but label file '
-                     f'{label_path} has shape {labels.shape}; they must match')
+    from unet_jax.sources import DataError  # pylint: disable=g-import-not-at-top  (it imports us)
+    raise DataError(f'image file {image_path} has shape {images.shape} but label file '
+                    f'{label_path} has shape {labels.shape}; they must match')
   return Dataset(images[..., None], isbi_labels_to_classes(labels, path=label_path))
 
 

@@ -39,6 +39,7 @@ from unet_jax import sharding
 from unet_jax import tiling
 from unet_jax import visualize
 from unet_jax.models import build_model
+from unet_jax.sources import DataError
 
 log = logging.getLogger('unet_jax')
 
@@ -203,9 +204,11 @@ def read_image(path: str) -> np.ndarray:
       with Image.open(path) as image:
         array = np.asarray(image)
   except Exception as e:  # corrupt files raise many types
-    raise ValueError(f'{path} is not a readable image: {type(e).__name__}: {e}') from None
+    raise DataError(f'{path} is not a readable image: {type(e).__name__}: {e}') from None
   if array.size == 0 or array.dtype.kind not in 'biuf':
-    raise ValueError(f'{path} holds no image data (shape {array.shape}, dtype {array.dtype})')
+    raise DataError(f'{path} holds no image data (shape {array.shape}, dtype {array.dtype})')
+  if array.dtype.kind == 'f' and not np.isfinite(array).all():  # would predict NaN silently
+    raise DataError(f'{path} has NaN or infinite values')
   return array
 
 
@@ -219,7 +222,7 @@ def _match_channels(array: np.ndarray, channels: int, path: str) -> np.ndarray:
     return array[..., :1]
   if channels == 3 and have == 4:
     return array[..., :3]
-  raise ValueError(f'{path} has {have} channel(s) but the model takes {channels}')
+  raise DataError(f'{path} has {have} channel(s) but the model takes {channels}')
 
 
 def as_samples(array: np.ndarray, *, spatial_rank: int, channels: int, path: str) -> np.ndarray:
@@ -228,8 +231,9 @@ def as_samples(array: np.ndarray, *, spatial_rank: int, channels: int, path: str
   A trailing dim equal to `channels` (≤ 4) is read as channels when `channels` > 1, otherwise
   every dim is spatial (a 3-page grayscale stack is not mistaken for an RGB image).
   """
+  # A PNG with a third axis is always colour (LA, RGB, RGBA), never a stack.
   has_channels = (channels > 1 and array.shape[-1] == channels) or \
-      (array.ndim == 3 and array.shape[-1] in (3, 4) and path.lower().endswith('.png'))
+      (array.ndim == 3 and path.lower().endswith('.png'))
   if not has_channels:
     array = array[..., None]
   array = _match_channels(array, channels, path)
@@ -239,8 +243,8 @@ def as_samples(array: np.ndarray, *, spatial_rank: int, channels: int, path: str
   if spatial_rank == 3 and spatial == 3:
     return array[None]
   wanted = 'images or stacks' if spatial_rank == 2 else 'volumes'
-  raise ValueError(f'{path} has shape {array.shape[:-1]} (+{channels} channel(s)); a '
-                   f'{spatial_rank}D model needs {wanted}')
+  raise DataError(f'{path} has shape {array.shape[:-1]} (+{channels} channel(s)); a '
+                  f'{spatial_rank}D model needs {wanted}')
 
 
 def normalize(array: np.ndarray, *, mean: Any, std: Any) -> np.ndarray:

@@ -3,7 +3,8 @@
 A sweep is a list of override dicts (dotted config paths → values) that a config file returns
 from `sweep()`; `grid` and `random_search` build such lists. Each point trains in a workdir of its
 own, so a sweep interrupted half way resumes where it stopped. Results are written as CSV and
-markdown, ranked by the monitored metric (config.checkpoint.best_metric).
+markdown, ranked by the monitored metric (config.checkpoint.best_metric), and plotted against
+every swept hyperparameter in sweep.png (unet_jax/plots.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import numpy as np
 from unet_jax import checkpointing
 from unet_jax import evaluation
 from unet_jax import input_pipeline
+from unet_jax import plots
 from unet_jax import train
 
 log = logging.getLogger('unet_jax')
@@ -111,6 +113,12 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str,
     os.makedirs(workdir, exist_ok=True)
     columns = ['run', *points[0].keys(), *_score_columns(config, rows)]
     write_table(ranked, os.path.join(workdir, 'sweep_results'), columns=columns)
+    swept = list(dict.fromkeys(k for p in points for k in p))
+    try:
+      plots.plot_sweep(ranked, workdir, config.checkpoint.best_metric, params=swept,
+                       maximise=config.checkpoint.best_mode == 'max')
+    except Exception as e:  # pylint: disable=broad-except  (the ranking is written; keep it)
+      log.warning('sweep.png not written to %s (%s: %s)', workdir, type(e).__name__, e)
   return ranked
 
 

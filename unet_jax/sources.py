@@ -2,8 +2,8 @@
 
 Every loader returns an in-memory `input_pipeline.Dataset`: images `(N, *spatial, C) uint8` and
 labels `(N, *spatial) uint8` class ids, with `IGNORE_CLASS` (255) marking pixels that a loss
-should skip (pass `ignore_label=255` to it). Loaders check the data and raise errors that name
-the offending file; nothing is cropped, resized or reinterpreted silently.
+should skip (pass `ignore_label=255` to it). Loaders check the data and raise `DataError` (a
+ValueError) naming the offending file; nothing is cropped, resized or reinterpreted silently.
 
   load_folder        2D images and masks in two folders, matched by file stem (PNG or TIFF).
   load_tfds          a TFDS dataset stored as ArrayRecord, read without TensorFlow.
@@ -27,6 +27,13 @@ from typing import Sequence
 import numpy as np
 
 from unet_jax.input_pipeline import Dataset, isbi_labels_to_classes, load_isbi
+
+
+class DataError(ValueError):
+  """A data file that cannot be used as it is: unreadable, empty, of the wrong dtype, rank or
+  shape, or with values outside what its role allows. The message names the file (or the TFDS
+  example). Raised by every loader here, input_pipeline.load_isbi and predict's reader."""
+
 
 IGNORE_CLASS = 255  # uint8 label of ignored pixels; class ids must stay below it
 MASK_MODES = ('classes', 'binary', 'instances')
@@ -63,9 +70,9 @@ def read_array(path: str, what: str) -> np.ndarray:
       import tifffile  # pylint: disable=g-import-not-at-top
       array = tifffile.imread(path)
   except Exception as e:  # the readers raise many types on corrupt input
-    raise ValueError(f'{what} file {path} is not a readable image: {e}') from e
+    raise DataError(f'{what} file {path} is not a readable image: {e}') from e
   if array.size == 0:
-    raise ValueError(f'{what} file {path} holds no pixels')
+    raise DataError(f'{what} file {path} holds no pixels')
   return array
 
 
@@ -73,15 +80,15 @@ def read_array(path: str, what: str) -> np.ndarray:
 def _check_image_dtype(array: np.ndarray, where: str) -> None:
   if array.dtype == bool or not (np.issubdtype(array.dtype, np.integer)
                                  or np.issubdtype(array.dtype, np.floating)):
-    raise ValueError(f'{where} has dtype {array.dtype}; expected an integer or float image')
+    raise DataError(f'{where} has dtype {array.dtype}; expected an integer or float image')
   if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
-    raise ValueError(f'{where} has NaN or infinite values')
+    raise DataError(f'{where} has NaN or infinite values')
 
 
 def _check_mask_dtype(array: np.ndarray, where: str) -> None:
   if not (array.dtype == bool or np.issubdtype(array.dtype, np.integer)):
-    raise ValueError(f'{where} has dtype {array.dtype}; masks must hold integer ids (convert '
-                     'float masks explicitly; they are not rounded here)')
+    raise DataError(f'{where} has dtype {array.dtype}; masks must hold integer ids (convert '
+                    'float masks explicitly; they are not rounded here)')
 
 
 def mask_to_labels(mask: np.ndarray, *, where: str, mode: str, num_classes: int,
@@ -109,15 +116,19 @@ def mask_to_labels(mask: np.ndarray, *, where: str, mode: str, num_classes: int,
     bad = np.setdiff1d(np.unique(ids[~ignored]), np.arange(num_classes))
     if bad.size:
       allowed = f'[0, {num_classes})' + ('' if ignore_label is None else f' or {ignore_label}')
-      raise ValueError(f'{where} has values {bad[:10].tolist()} outside the declared '
-                       f'classes {allowed} (config.data.num_classes, config.data.ignore_label)')
+      raise DataError(f'{where} has values {bad[:10].tolist()} outside the declared '
+                      f'classes {allowed} (config.data.num_classes, config.data.ignore_label)')
     labels = ids
   else:
     if (ids[~ignored] < 0).any():
-      raise ValueError(f'{where} has negative values; {mode} masks hold 0 = background '
-                       'and positive ids')
+      raise DataError(f'{where} has negative values; {mode} masks hold 0 = background '
+                      'and positive ids')
     labels = (ids > 0).astype(np.int64)
     if mode == 'instances':
+      largest = int(ids[~ignored].max(initial=0))
+      if largest > np.iinfo(np.int32).max:  # int32 would wrap it onto another object's id
+        raise DataError(f'{where} has instance id {largest}; instance ids must fit int32 '
+                        f'(≤ {np.iinfo(np.int32).max}); relabel the objects 1..N')
       instances = np.where(ignored, 0, ids).astype(np.int32)
   return np.where(ignored, IGNORE_CLASS, labels).astype(np.uint8), instances
 
@@ -127,16 +138,16 @@ def _as_hwc(array: np.ndarray, where: str) -> np.ndarray:
     return array[..., None]
   if array.ndim == 3 and array.shape[-1] <= 4:
     return array
-  raise ValueError(f'{where} has shape {array.shape}; expected a 2D image (H, W) or '
-                   '(H, W, C) with C ≤ 4 (use sources.load_volumes for multi-page stacks)')
+  raise DataError(f'{where} has shape {array.shape}; expected a 2D image (H, W) or '
+                  '(H, W, C) with C ≤ 4 (use sources.load_volumes for multi-page stacks)')
 
 
 def _as_hw(array: np.ndarray, where: str) -> np.ndarray:
   if array.ndim == 3 and array.shape[-1] == 1:
     array = array[..., 0]
   if array.ndim != 2:
-    raise ValueError(f'{where} has shape {array.shape}; expected a single-channel 2D '
-                     'mask (H, W) of ids (colour-coded masks must be converted to ids first)')
+    raise DataError(f'{where} has shape {array.shape}; expected a single-channel 2D '
+                    'mask (H, W) of ids (colour-coded masks must be converted to ids first)')
   return array
 
 
@@ -155,8 +166,8 @@ def _list_by_stem(directory: str, what: str, field: str) -> dict[str, str]:
     if name.startswith('.') or ext.lower() not in IMAGE_EXTENSIONS:
       continue
     if stem in files:
-      raise ValueError(f'{what} files {files[stem]} and {os.path.join(directory, name)} share the '
-                       f'stem {stem!r}; keep one of them')
+      raise DataError(f'{what} files {files[stem]} and {os.path.join(directory, name)} share the '
+                      f'stem {stem!r}; keep one of them')
     files[stem] = os.path.join(directory, name)
   if not files:
     raise ValueError(f'config.data.{field}={directory!r} holds no {what} files '
@@ -181,16 +192,16 @@ def match_files(images_dir: str, masks_dir: str, *,
     found = [stem + suffix for suffix in mask_suffixes if stem + suffix in masks]
     if not found:
       tried = ', '.join(f'{stem}{s}.*' for s in mask_suffixes)
-      raise ValueError(f'image file {image_path} has no mask in {masks_dir} (looked for {tried})')
+      raise DataError(f'image file {image_path} has no mask in {masks_dir} (looked for {tried})')
     if len(found) > 1:
-      raise ValueError(f'image file {image_path} matches several masks: '
-                       f'{[masks[m] for m in found]}')
+      raise DataError(f'image file {image_path} matches several masks: '
+                      f'{[masks[m] for m in found]}')
     used.add(found[0])
     pairs.append((image_path, masks[found[0]]))
   unused = [path for stem, path in masks.items() if stem not in used]
   if unused:
-    raise ValueError(f'mask file {unused[0]} matches no image in {images_dir} '
-                     f'({len(unused)} unmatched masks)')
+    raise DataError(f'mask file {unused[0]} matches no image in {images_dir} '
+                    f'({len(unused)} unmatched masks)')
   return pairs
 
 
@@ -216,12 +227,12 @@ def load_folder_with_instances(images_dir: str, masks_dir: str, *, num_classes: 
     if first is None:
       first = (image_path, image.shape)
     elif image.shape != first[1]:
-      raise ValueError(f'image file {image_path} has shape {image.shape} but {first[0]} has '
-                       f'{first[1]}; all images must share one shape (H, W, C) and are not '
-                       'cropped or resized silently')
+      raise DataError(f'image file {image_path} has shape {image.shape} but {first[0]} has '
+                      f'{first[1]}; all images must share one shape (H, W, C) and are not '
+                      'cropped or resized silently')
     if mask.shape != image.shape[:2]:
-      raise ValueError(f'mask file {mask_path} has shape {mask.shape} but image file '
-                       f'{image_path} has {image.shape[:2]}; they must match')
+      raise DataError(f'mask file {mask_path} has shape {mask.shape} but image file '
+                      f'{image_path} has {image.shape[:2]}; they must match')
     label, instance = mask_to_labels(mask, where=f'mask file {mask_path}', mode=mask_mode,
                                      num_classes=num_classes, ignore_label=ignore_label)
     images.append(image)
@@ -279,7 +290,7 @@ def load_tfds(name: str, *, data_dir: str, split: str, image_key: str = 'image',
   except ValueError as e:  # an unknown split or bad slicing syntax
     raise ValueError(f'{where} cannot be opened (config.data.tfds_split): {e}') from e
   if len(source) == 0:
-    raise ValueError(f'{where} holds no examples')
+    raise DataError(f'{where} holds no examples')
   images, labels = [], []
   for i in range(len(source)):
     example = source[i]
@@ -294,16 +305,16 @@ def load_tfds(name: str, *, data_dir: str, split: str, image_key: str = 'image',
     image = _as_hwc(image, f'{path} image')
     label = _as_hw(np.asarray(example[label_key]), f'{path} label')
     if label.shape != image.shape[:2]:
-      raise ValueError(f'{path}: label shape {label.shape} differs from image shape '
-                       f'{image.shape[:2]}')
+      raise DataError(f'{path}: label shape {label.shape} differs from image shape '
+                      f'{image.shape[:2]}')
     if images and image.shape != images[0].shape:
-      raise ValueError(f'{path} has image shape {image.shape} but example 0 has '
-                       f'{images[0].shape}; all examples must share one shape')
+      raise DataError(f'{path} has image shape {image.shape} but example 0 has '
+                      f'{images[0].shape}; all examples must share one shape')
     if num_classes is None:
       _check_mask_dtype(label, f'{path} label')
       if label.min() < 0 or label.max() > 255:
-        raise ValueError(f'{path}: label values span [{label.min()}, {label.max()}], which does '
-                         'not fit uint8 class ids')
+        raise DataError(f'{path}: label values span [{label.min()}, {label.max()}], which does '
+                        'not fit uint8 class ids')
       label = label.astype(np.uint8)
     else:
       label, _ = mask_to_labels(label, where=f'{path} label', mode='classes',
@@ -316,8 +327,8 @@ def load_tfds(name: str, *, data_dir: str, split: str, image_key: str = 'image',
 def _read_volume(path: str, what: str) -> np.ndarray:
   volume = read_array(path, what)
   if volume.ndim != 3:
-    raise ValueError(f'{what} file {path} has shape {volume.shape}; expected a multi-page TIFF '
-                     'stack (D, H, W)')
+    raise DataError(f'{what} file {path} has shape {volume.shape}; expected a multi-page TIFF '
+                    'stack (D, H, W)')
   return volume
 
 
@@ -343,11 +354,11 @@ def load_volumes(image_paths: Sequence[str], label_paths: Sequence[str], *,
     label = _read_volume(label_path, 'label')
     _check_mask_dtype(label, f'label file {label_path}')
     if images and image.shape != images[0].shape:
-      raise ValueError(f'image file {image_path} has shape {image.shape} but {image_paths[0]} '
-                       f'has {images[0].shape}; all volumes must share one shape (D, H, W)')
+      raise DataError(f'image file {image_path} has shape {image.shape} but {image_paths[0]} '
+                      f'has {images[0].shape}; all volumes must share one shape (D, H, W)')
     if label.shape != image.shape:
-      raise ValueError(f'label file {label_path} has shape {label.shape} but image file '
-                       f'{image_path} has {image.shape}; they must match')
+      raise DataError(f'label file {label_path} has shape {label.shape} but image file '
+                      f'{image_path} has {image.shape}; they must match')
     if label_mode == 'isbi':
       label = isbi_labels_to_classes(label, path=label_path)
     else:

@@ -39,7 +39,6 @@ from unet_jax import metric_writers
 from unet_jax import optimizers
 from unet_jax import sharding
 from unet_jax import sources
-from unet_jax import visualize
 from unet_jax.models import blocks
 from unet_jax.models import build_model
 
@@ -170,39 +169,16 @@ def crop_shape(config: ml_collections.ConfigDict, spatial_rank: int) -> tuple[in
 
 
 def check_config(config: ml_collections.ConfigDict, spatial_rank: int = 2) -> tuple[int, ...]:
-  """Checks combinations that would otherwise fail late, before anything is compiled.
+  """Checks the config up front (config_validation.validate, without the data paths, which the
+  loaders check themselves); ConfigError names the field. Nothing is compiled.
 
   Returns the mirror border per spatial dim: what the model trims from a crop on each side.
   """
-  if config.model.padding not in blocks.PADDINGS:
-    raise ValueError(f'config.model.padding={config.model.padding!r} is not one of '
-                     f'{blocks.PADDINGS}')
+  from unet_jax import config_validation  # pylint: disable=g-import-not-at-top  (it imports us)
+  config_validation.validate(config, spatial_rank=spatial_rank, data_paths=False)
   model = build_model(config.model, num_classes=len(config.data.class_names))
   crop = crop_shape(config, spatial_rank)
-  try:
-    out = tuple(model.output_size(c) for c in crop)
-  except ValueError as e:
-    raise ValueError(f'config.data.crop_size={config.data.crop_size}: {e}') from None
-  for field in ('num_steps', 'log_every', 'eval_every'):
-    if config[field] < 1:
-      raise ValueError(f'config.{field}={config[field]} must be ≥ 1')
-  if config.checkpoint.every < 0:
-    raise ValueError(f'config.checkpoint.every={config.checkpoint.every} must be ≥ 0 (0: '
-                     'checkpoint at evaluations only)')
-  if config.nonfinite not in NONFINITE_POLICIES:
-    raise ValueError(f'config.nonfinite={config.nonfinite!r} is not one of {NONFINITE_POLICIES}')
-  if config.data.augment_on not in AUGMENT_ON:
-    raise ValueError(f'config.data.augment_on={config.data.augment_on!r} is not one of '
-                     f'{AUGMENT_ON}')
-  accum = config.optimizer.grad_accum_steps
-  if accum < 1 or config.batch_size % accum:
-    raise ValueError(f'config.optimizer.grad_accum_steps={accum} must be ≥ 1 and divide '
-                     f'config.batch_size={config.batch_size}')
-  metric = config.checkpoint.best_metric
-  if metric.split('_', 1)[-1] not in (*config.data.class_names, 'mean', 'accuracy', 'error'):
-    raise ValueError(f'config.checkpoint.best_metric={metric!r} names no evaluation metric; '
-                     f'e.g. dice_{config.data.class_names[-1]}')
-  return tuple((c - o) // 2 for c, o in zip(crop, out))
+  return tuple((c - model.output_size(c)) // 2 for c in crop)
 
 
 def build(config: ml_collections.ConfigDict, *, input_channels: int, spatial_rank: int) -> Setup:
@@ -460,33 +436,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
              evaluation.format_scores(scores, config.data.class_names))
     if 'isbi_rand_error' in scores:
       log.info('ISBI 2012 metrics on the held-out slices: %s', evaluation.paper_comparison(scores))
-  write_overlays(state, setup.model, val_set, config, mesh, workdir, chief)
+  from unet_jax import plots  # pylint: disable=g-import-not-at-top  (matplotlib only at the end)
+  plots.write_run_plots(state, setup.model, val_set, config, mesh, workdir, chief)
   writer.close()
   manager.close()
   return scores
-
-
-def write_overlays(state, model, dataset, config, mesh, workdir, chief) -> None:
-  """PNGs of image | ground truth | prediction for the first validation examples.
-
-  Every process predicts the same few images (replicated input), so no gathering is needed.
-  """
-  count = min(config.num_overlays, len(dataset))
-  if count == 0:
-    return
-  subset = dataset.subset(range(count))
-  spatial = subset.labels.shape[1:]
-  batch = next(input_pipeline.eval_batches(
-      subset, batch_size=count, mean=config.data.mean, std=config.data.std,
-      pads=evaluation.model_padding(spatial, model)))
-  images = jax.make_array_from_process_local_data(sharding.replicated(mesh), batch['image'])
-  predict = jax.jit(functools.partial(evaluation.predict_probabilities, model=model,
-                                      spatial_shape=spatial),
-                    out_shardings=sharding.replicated(mesh))
-  classes = np.asarray(jnp.argmax(predict(state, images), -1))
-  images, labels = subset.images, subset.labels
-  if len(spatial) == 3:  # volumes: show the middle section
-    middle = spatial[0] // 2
-    images, labels, classes = images[:, middle], labels[:, middle], classes[:, middle]
-  if chief:
-    visualize.write_panels(os.path.join(workdir, 'predictions'), images, labels, classes)

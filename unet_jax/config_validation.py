@@ -1,0 +1,408 @@
+"""Up-front validation of a whole config: every mistake that shows without data or compiling.
+
+`validate(config, mode=...)` runs before anything is built: launch.py calls it for every mode,
+sweep point and K-fold run, and `train.check_config` delegates to it. It raises `ConfigError`, a
+ValueError whose message is one line that names the field, its value, what is wrong and what
+would be valid:
+
+  config.model.name='unett' is not one of the valid choices (did you mean 'unet'?); expected ...
+  config.data.crop_size=570: input size 570 is invalid (...); expected one of the nearby ...
+
+Names are checked against the tables of the modules that use them (models.MODELS,
+losses.LOSSES, transforms.OPS, optimizers.OPTIMIZERS, input_pipeline.SOURCES, …), crop sizes
+against the model's own size arithmetic, batch sizes against the devices of the mesh, loss
+options by tracing each loss on abstract inputs (jax.eval_shape: nothing is compiled), and
+`checkpoint.best_metric` against the names the evaluation code itself produces. What needs the
+data (label values, image shapes) is checked by the loaders (unet_jax/sources.py), which name
+the offending file. `flag_error` turns a failed parse of launch.py's `--config.*` overrides into
+the same kind of line.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import inspect
+import math
+import os
+import re
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from unet_jax import evaluation
+from unet_jax import input_pipeline
+from unet_jax import losses
+from unet_jax import metrics
+from unet_jax import procedural
+from unet_jax import sources
+from unet_jax import train
+from unet_jax import transforms
+from unet_jax.config_schema import (ConfigError, choice_error, check_names_and_ranges,
+                                    check_types, did_you_mean, get, has, is_number, seq)
+from unet_jax.models import MODELS, build_model
+
+MODES = ('train', 'eval', 'predict', 'export')
+
+
+def _check_classes(config: ml_collections.ConfigDict) -> int:
+  """The number of classes, after checking every field that names a class id."""
+  names = tuple(config.data.class_names)
+  if not 2 <= len(names) < sources.IGNORE_CLASS or len(set(names)) != len(names):
+    raise ConfigError('config.data.class_names', names, 'is not a valid list of classes',
+                      f'2 to {sources.IGNORE_CLASS - 1} distinct names')
+  count = len(names)
+  ids = {'config.data.foreground_class': (config.data.foreground_class,),
+         'config.data.weight_map.object_class': (config.data.weight_map.object_class,),
+         'config.eval.membrane_class': (config.eval.membrane_class,),
+         'config.eval.hausdorff_classes': tuple(config.eval.hausdorff_classes)}
+  for field, values in ids.items():
+    if any(not 0 <= v < count for v in values):
+      value = values if field.endswith('classes') else values[0]
+      raise ConfigError(field, value, f'names no class of config.data.class_names={names}',
+                        f'class ids in [0, {count})')
+  class_weights = config.data.weight_map.class_weights
+  if not (class_weights == 'balanced' or (seq(is_number)(class_weights)
+                                          and len(class_weights) == 2
+                                          and min(class_weights) >= 0)):
+    raise ConfigError('config.data.weight_map.class_weights', class_weights, 'is not valid',
+                      "'balanced' or a pair (background weight, cell weight) of numbers ≥ 0")
+  if (config.data.source == 'folder' and config.data.mask_mode != 'classes' and count != 2):
+    raise ConfigError('config.data.mask_mode', config.data.mask_mode,
+                      f'gives 2 classes but config.data.class_names has {count}',
+                      "mask_mode='classes' for more than 2 classes")
+  return count
+
+
+def _check_model(config: ml_collections.ConfigDict, num_classes: int, spatial_rank: int):
+  """The model, after checking its variant options and the crop against its size arithmetic."""
+  name = config.model.name
+  constructor = MODELS[name]
+  takes = set(constructor.__dataclass_fields__) - {'parent', 'name', 'num_classes'}
+  shared = {k for k in config.model.keys() if k not in MODELS} - {'name', 'dtype'}
+  unknown = sorted(shared - takes)
+  if unknown:
+    raise choice_error(f'config.model.{unknown[0]}', config.model[unknown[0]], sorted(takes),
+                        f'the options {name!r} takes', key=unknown[0])
+  # Every variant's sub-config, not only the chosen one's: a typo there bites once it is chosen.
+  for variant in sorted(set(config.model.keys()) & set(MODELS)):
+    variant_takes = set(MODELS[variant].__dataclass_fields__) - {'parent', 'name', 'num_classes'}
+    unknown = sorted(set(config.model[variant].keys()) - variant_takes)
+    if unknown:
+      raise choice_error(f'config.model.{variant}.{unknown[0]}',
+                          config.model[variant][unknown[0]], sorted(variant_takes),
+                          f'the options {variant!r} takes', key=unknown[0])
+  try:
+    model = build_model(config.model, num_classes=num_classes)
+    model.size_multiple()  # builds the size geometry, which checks the options' combination
+  except (ValueError, TypeError) as e:
+    raise ConfigError('config.model.name', name, f'cannot be built from config.model: {e}',
+                      f'options that {name!r} accepts together') from None
+  crop = config.data.crop_size
+  shape = tuple(crop) if isinstance(crop, (tuple, list)) else (crop,) * spatial_rank
+  if len(shape) != spatial_rank:
+    raise ConfigError('config.data.crop_size', crop,
+                      f'has {len(shape)} sizes but config.data.source={config.data.source!r} '
+                      f'gives {spatial_rank}D examples', f'one int or {spatial_rank} ints')
+  for size in shape:
+    try:
+      out = model.output_size(size)
+    except ValueError as e:
+      reason, _, nearby = str(e).partition('; nearby valid sizes: ')
+      raise ConfigError('config.data.crop_size', crop, f': {reason}',
+                        f'one of the nearby valid sizes {nearby}' if nearby else
+                        f'a size that config.model.name={name!r} takes') from None
+    if (size - out) % 2:
+      raise ConfigError('config.data.crop_size', crop,
+                        f'gives an output of {out} that is not centred in the crop',
+                        f'a size whose (input − output) is even, e.g. '
+                        f'{model.valid_input_sizes(3, start=size)}')
+  return model
+
+
+def data_parallel_size(config: ml_collections.ConfigDict) -> int:
+  """Devices the batch is split over (config.mesh.data × config.mesh.fsdp), as make_mesh counts."""
+  available, fsdp, data = jax.device_count(), config.mesh.fsdp, config.mesh.data
+  if available % fsdp:
+    raise ConfigError('config.mesh.fsdp', fsdp, f'does not divide the {available} devices',
+                      f'a divisor of {available}')
+  data = available // fsdp if data == -1 else data
+  if data * fsdp > available:
+    raise ConfigError('config.mesh.data', config.mesh.data,
+                      f'× config.mesh.fsdp={fsdp} needs {data * fsdp} devices but '
+                      f'{available} are available', f'data × fsdp ≤ {available} (-1: all)')
+  return data * fsdp
+
+
+def _check_batches(config: ml_collections.ConfigDict, size: int) -> None:
+  processes = jax.process_count()
+  unit = size * processes // math.gcd(size, processes)
+  over = f'{size} devices the batch is split over (config.mesh.data × config.mesh.fsdp)' + (
+      f' and of the {processes} processes' if processes > 1 else '')
+  for field in ('batch_size', 'eval_batch_size'):
+    value = config[field]
+    if value % unit:
+      near = sorted({max(unit, value - value % unit), value - value % unit + unit})
+      raise ConfigError(f'config.{field}', value, f'must be a positive multiple of the {over}',
+                        f'a multiple of {unit}, e.g. {" or ".join(map(str, near))}')
+  accum = config.optimizer.grad_accum_steps
+  if config.batch_size % accum:
+    divisors = [d for d in range(1, config.batch_size + 1) if config.batch_size % d == 0]
+    raise ConfigError('config.optimizer.grad_accum_steps', accum,
+                      f'must be ≥ 1 and divide config.batch_size={config.batch_size}',
+                      f'one of {divisors}')
+
+
+def _check_loss(config: ml_collections.ConfigDict, model: Any, num_classes: int) -> None:
+  terms, options = dict(config.loss.terms), config.loss.options.to_dict()
+  if not terms:
+    raise choice_error('config.loss.terms', terms, sorted(losses.LOSSES), 'the losses')
+  for name, weight in terms.items():
+    if name not in losses.LOSSES:
+      raise choice_error(f'config.loss.terms.{name}', weight, sorted(losses.LOSSES),
+                          'the losses', key=name)
+    if not (is_number(weight) and math.isfinite(weight) and weight >= 0):
+      raise ConfigError(f'config.loss.terms.{name}', weight, 'is not a valid weight',
+                        'a finite number ≥ 0')
+  if not sum(terms.values()) > 0:
+    raise ConfigError('config.loss.terms', terms, 'weighs every term 0',
+                      'at least one positive weight')
+  for name, term_options in options.items():
+    if name not in terms:
+      raise choice_error(f'config.loss.options.{name}', term_options, sorted(terms),
+                          'the terms of config.loss.terms', key=name)
+    for option in term_options:
+      if option not in losses.loss_options(name):
+        raise choice_error(f'config.loss.options.{name}.{option}', term_options[option],
+                            losses.loss_options(name), f'the options of {name!r}', key=option)
+  # Tracing each term on abstract inputs runs its own checks of shapes and option values.
+  logits = jax.ShapeDtypeStruct((1, 8, 8, num_classes), jnp.float32)
+  labels = jax.ShapeDtypeStruct((1, 8, 8), jnp.int32)
+  ignore = None if config.data.ignore_label is None else sources.IGNORE_CLASS
+  for name in terms:
+    kwargs = dict(options.get(name, {}), ignore_label=ignore)
+    try:
+      jax.eval_shape(lambda x, y, fn=losses.LOSSES[name], kw=kwargs: fn(x, y, **kw), logits,
+                     labels)
+    except (ValueError, TypeError) as e:
+      if name in options:
+        raise ConfigError(f'config.loss.options.{name}', options[name],
+                          f'is rejected by the {name!r} loss: {e}',
+                          f'valid values of its options {list(losses.loss_options(name))}'
+                          ) from None
+      raise ConfigError(f'config.loss.terms.{name}', terms[name],
+                        f'cannot be used with the {num_classes}-class logits of the model: {e}',
+                        f'a loss for {num_classes}-class logits, e.g. cross_entropy') from None
+  weights = config.loss.deep_supervision_weights
+  heads = (model.levels() if getattr(model, 'deep_supervision', False)
+           and getattr(model, 'prune_level', None) is None else 1)
+  if weights is not None and (len(weights) != heads or not sum(weights) > 0):
+    raise ConfigError('config.loss.deep_supervision_weights', tuple(weights),
+                      f'does not fit the {heads} output head(s) of config.model',
+                      f'{heads} numbers ≥ 0 with a positive sum, or None')
+
+
+def evaluation_metric_names(config: ml_collections.ConfigDict) -> list[str]:
+  """The score names evaluation produces for this config, by running its accumulators on a
+  tiny synthetic batch (numpy only; nothing is compiled)."""
+  names = tuple(config.data.class_names)
+  confusion = np.eye(len(names), dtype=np.int64)
+  keys = list(metrics.segmentation_scores(confusion, class_names=names))
+  labels = np.zeros((1, 4, 4), np.int32)
+  labels[:, 1:3, 1:3] = 1
+  probabilities = np.full((1, 4, 4, len(names)), 1 / len(names), np.float32)
+  for extra in evaluation.extra_metrics(config):
+    extra.reset()
+    extra.update(probabilities, labels)
+    keys += list(extra.result())
+  return keys
+
+
+def _check_metric(config: ml_collections.ConfigDict) -> None:
+  metric, mode = config.checkpoint.best_metric, config.checkpoint.best_mode
+  names = evaluation_metric_names(config)
+  if metric not in names:
+    raise choice_error('config.checkpoint.best_metric', metric, names,
+                        'the metrics evaluation produces')
+  lower_is_better = 'error' in metric or metric.startswith('hd')
+  if lower_is_better != (mode == 'min'):
+    raise ConfigError('config.checkpoint.best_mode', mode,
+                      f'keeps the worst checkpoints by config.checkpoint.best_metric={metric!r}',
+                      f"best_mode={'min' if lower_is_better else 'max'!r}")
+
+
+def _check_data(config: ml_collections.ConfigDict, *, data_paths: bool) -> None:
+  data = config.data
+  if data.folds < 2 and not data.val_indices:
+    raise ConfigError('config.data.val_indices', data.val_indices, 'is empty',
+                      'the indices of the validation examples')
+  if data.source == 'procedural':
+    takes = set(inspect.signature(procedural.make_em_like).parameters)
+    unknown = sorted(set(data.procedural.keys()) - takes)
+    if unknown:
+      raise choice_error(f'config.data.procedural.{unknown[0]}', data.procedural[unknown[0]],
+                          sorted(takes), 'the options of procedural.make_em_like', key=unknown[0])
+    count = data.procedural.num_images
+    val = set(data.val_indices)
+    if data.folds < 2 and (max(val) >= count or len(val) >= count):
+      raise ConfigError('config.data.val_indices', data.val_indices,
+                        f'does not leave training examples among the '
+                        f'config.data.procedural.num_images={count}',
+                        f'indices in [0, {count}) that hold out fewer than {count}')
+    if data.folds > count:
+      raise ConfigError('config.data.folds', data.folds, f'exceeds the {count} examples',
+                        f'2 to {count} folds')
+  if not data_paths:
+    return
+  if data.source in ('isbi', 'isbi_volume'):
+    missing = [f for f in input_pipeline.ISBI_FILES.values()
+               if not os.path.isfile(os.path.join(data.directory, f))]
+    if not data.directory or not os.path.isdir(data.directory) or missing:
+      raise ConfigError('config.data.directory', data.directory,
+                        f'is not a directory holding {" and ".join(missing or ["the stacks"])}'
+                        if data.directory else 'is not set',
+                        f'a directory with {" and ".join(input_pipeline.ISBI_FILES.values())} '
+                        '(see data/README.md)')
+  elif data.source == 'folder':
+    for field in ('images_dir', 'masks_dir'):
+      if not data[field] or not os.path.isdir(data[field]):
+        raise ConfigError(f'config.data.{field}', data[field], 'is not a directory',
+                          f'the folder of {field.split("s_")[0]} files (PNG or TIFF) for '
+                          "config.data.source='folder'")
+  elif data.source == 'volumes':
+    if not data.image_paths or len(data.image_paths) != len(data.label_paths):
+      raise ConfigError('config.data.label_paths', data.label_paths,
+                        f'does not pair with config.data.image_paths ({len(data.image_paths)})',
+                        'one label TIFF per image TIFF, at least one')
+    for field in ('image_paths', 'label_paths'):
+      for path in data[field]:
+        if not os.path.isfile(path):
+          raise ConfigError(f'config.data.{field}', data[field], f'names {path}, which does '
+                            'not exist', 'existing multi-page TIFF files')
+  elif data.source == 'tfds' and not os.path.isdir(data.tfds.data_dir):
+    raise ConfigError('config.data.tfds.data_dir', data.tfds.data_dir, 'is not a directory',
+                      'the TFDS data_dir holding the ArrayRecord dataset')
+
+
+def _check_augment(spec: str) -> None:
+  """The spec parses with known ops, keywords and values (transforms.parse_augment)."""
+  names = [re.match(r'\s*(\w*)', piece).group(1) for piece in spec.split('|') if piece.strip()]
+  unknown = [name for name in names if name not in transforms.OPS]
+  if unknown:
+    raise ConfigError('config.data.augment', spec, f'has the unknown op {unknown[0]!r}'
+                      f'{did_you_mean(unknown[0], transforms.OPS)}',
+                      f'ops from {", ".join(sorted(transforms.OPS))}')
+  try:
+    transforms.parse_augment(spec)
+  except ValueError as e:  # a bad keyword or value; the message names the op
+    raise ConfigError('config.data.augment', spec,
+                      f': {str(e).removeprefix(transforms.SPEC_FIELD + ": ")}',
+                      'op(key=value, ...)|op|... with the keywords and ranges of '
+                      'unet_jax/geometric.py and intensity.py') from None
+
+
+def validate(config: ml_collections.ConfigDict, *, mode: str = 'train',
+             spatial_rank: int | None = None, data_paths: bool = True) -> None:
+  """Raises ConfigError for the first mistake in `config`; loads no data, compiles nothing.
+
+  Args:
+    config: a whole config (see experiments/isbi.py).
+    mode: one of MODES. 'predict' and 'export' read no data and use no training batches, so
+      data paths and batch sizes are not checked for them.
+    spatial_rank: 2 or 3; default from config.data.source.
+    data_paths: check that the source's files and folders exist (train and eval).
+  """
+  if mode not in MODES:
+    raise ValueError(f'mode={mode!r} is not one of {MODES}')
+  check_types(config)
+  check_names_and_ranges(config)
+  num_classes = _check_classes(config)
+  rank = spatial_rank or train._spatial_rank(config)  # pylint: disable=protected-access
+  model = _check_model(config, num_classes, rank)
+  _check_augment(config.data.augment)
+  size = data_parallel_size(config)
+  training = mode in ('train', 'eval')
+  if training:
+    _check_batches(config, size)
+  _check_loss(config, model, num_classes)
+  _check_metric(config)
+  _check_data(config, data_paths=data_paths and training)
+
+
+def validate_points(config: ml_collections.ConfigDict, points: Sequence[Mapping[str, Any]], *,
+                    mode: str = 'train') -> None:
+  """Validates every point of a sweep (override dicts of dotted paths) applied to `config`."""
+  from unet_jax import runs  # pylint: disable=g-import-not-at-top  (runs imports train)
+  if not points:
+    raise ConfigError('sweep()', list(points), 'returned no points', 'a list of override dicts')
+  for index, point in enumerate(points):
+    try:
+      for path, value in point.items():
+        check_path(config, path, value)
+      validate(runs.apply_overrides(config, point), mode=mode)
+    except ConfigError as e:
+      raise e.within(f'sweep point {index + 1} of {len(points)}: {dict(point)}') from None
+
+
+def check_path(config: ml_collections.ConfigDict, path: str, value: Any) -> None:
+  """ConfigError naming the closest fields unless the dotted `path` is a field of `config`."""
+  node, parents = config, ['config']
+  for part in path.split('.'):
+    if not hasattr(node, 'keys') or part not in node:
+      keys = sorted(node.keys()) if hasattr(node, 'keys') else []
+      close = difflib.get_close_matches(part, keys, n=3)
+      where = '.'.join(parents)
+      raise ConfigError(
+          f'config.{path}', value, f'is not a config field ({where} has no field {part!r})',
+          f'a field of {where} (closest: {", ".join(close)})' if close else
+          f'a field of {where}: {", ".join(keys) or "(it has none)"}')
+    node, parents = node[part], parents + [part]
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  """The config of 'path/to/file.py[:arg]', as --config loads it."""
+  path, _, arg = spec.partition(':')
+  module_spec = importlib.util.spec_from_file_location('config_file', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+_FLAG_VALUE = re.compile(r'^flag --config\.([\w.]+)=(.*?): (.*)$', re.S)
+
+
+def flag_error(error: Exception, argv: Sequence[str]) -> str:
+  """One line for a failed parse of launch.py's flags.
+
+  ml_collections rejects an unknown `--config.a.b` key with a KeyError/AttributeError that names
+  neither the flag nor the config, and a value of the wrong type with an absl flag error; both
+  become `config.<field>=<value> ...; expected ...` with the closest fields or the field's type.
+  """
+  spec = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
+  if spec is None and '--config' in argv[:-1]:
+    spec = argv[argv.index('--config') + 1]
+  overrides = [a[len('--config.'):].split('=', 1) for a in argv if a.startswith('--config.')]
+  config = None
+  if spec:
+    try:
+      config = load_config_file(spec)
+    except Exception as e:  # pylint: disable=broad-except  (whatever the config file raised)
+      return ' '.join(f'--config={spec} cannot be loaded: {type(e).__name__}: {e}'.split())
+  match = _FLAG_VALUE.match(str(error))
+  if config is not None and match and has(config, match.group(1)):
+    path, raw, reason = match.groups()
+    current = get(config, path)
+    parent, _, leaf = path.rpartition('.')
+    kind = (get(config, parent) if parent else config).get_type(leaf).__name__
+    return str(ConfigError(f'config.{path}', raw, f'cannot be read as {kind} ({reason})',
+                           f'{kind} like the config file\'s value {current!r}'))
+  if config is not None:
+    for path, *value in overrides:
+      try:
+        check_path(config, path, value[0] if value else True)
+      except ConfigError as e:
+        return str(e)
+  return ' '.join(str(error).split()) or type(error).__name__
