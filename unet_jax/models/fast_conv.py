@@ -168,8 +168,13 @@ def _kernel_grad(x, dy, kernel_shape, padding, strides):
 
 
 def _shifted_products(x, kernel, padding):
-  """Stride-1 correlation as Σ over taps and input channels of shifted x times kernel rows."""
+  """Stride-1 correlation as Σ over taps and input channels of shifted x times kernel rows.
+
+  The sum is accumulated in float32 (at least), as XLA's convolutions do for bf16 inputs.
+  """
   ksize = kernel.shape[:-2]
+  acc_dtype = jnp.promote_types(x.dtype, jnp.float32)
+  x, kernel = x.astype(acc_dtype), kernel.astype(acc_dtype)
   xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
   out = tuple(p - k + 1 for p, k in zip(xp.shape[1:-1], ksize))
   y = None
