@@ -378,6 +378,14 @@ def resolve_pool_impl(impl: str, *, backend: str | None = None) -> str:
 # --- flax modules ----------------------------------------------------------------------------
 
 
+def _kernel_and_bias(module: nn.Module, inputs: jax.Array, kernel_shape: tuple[int, ...]):
+  """nn.Conv's 'kernel' and optional 'bias' parameters, promoted with `inputs` to module.dtype."""
+  kernel = module.param('kernel', module.kernel_init, kernel_shape, module.param_dtype)
+  bias = (module.param('bias', module.bias_init, (kernel_shape[-1],), module.param_dtype)
+          if module.use_bias else None)
+  return flax_dtypes.promote_dtype(inputs, kernel, bias, dtype=module.dtype)
+
+
 class Conv(nn.Module):
   """Drop-in for `flax.linen.Conv` (stride 1, no dilation, one feature group).
 
@@ -407,11 +415,8 @@ class Conv(nn.Module):
       raise ValueError(f'Conv with kernel_size {kernel_size} takes (N, *spatial[{rank}], C) '
                        f'input, got shape {inputs.shape}')
     in_features = inputs.shape[-1]
-    kernel = self.param('kernel', self.kernel_init, kernel_size + (in_features, self.features),
-                        self.param_dtype)
-    bias = (self.param('bias', self.bias_init, (self.features,), self.param_dtype)
-            if self.use_bias else None)
-    inputs, kernel, bias = flax_dtypes.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+    inputs, kernel, bias = _kernel_and_bias(self, inputs,
+                                            kernel_size + (in_features, self.features))
     impl = resolve_impl(self.impl, kernel_size=kernel_size, in_features=in_features,
                         out_features=self.features, spatial_shape=inputs.shape[1:-1])
     if impl == 'xla':
@@ -445,11 +450,8 @@ class ConvTranspose2x2(nn.Module):
       raise ValueError(f'ConvTranspose2x2 takes (N, *spatial, C) input with 1–3 spatial dims, '
                        f'got shape {inputs.shape}')
     kernel_size = (2,) * rank
-    kernel = self.param('kernel', self.kernel_init,
-                        kernel_size + (inputs.shape[-1], self.features), self.param_dtype)
-    bias = (self.param('bias', self.bias_init, (self.features,), self.param_dtype)
-            if self.use_bias else None)
-    inputs, kernel, bias = flax_dtypes.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+    inputs, kernel, bias = _kernel_and_bias(self, inputs,
+                                            kernel_size + (inputs.shape[-1], self.features))
     impl = resolve_impl(self.impl, kernel_size=kernel_size, in_features=inputs.shape[-1],
                         out_features=self.features, spatial_shape=inputs.shape[1:-1],
                         transposed=True)
