@@ -57,7 +57,8 @@ FLAGS = flags.FLAGS
 
 
 def _sweep_points():
-  path = config_flags.get_config_filename(FLAGS['config'])
+  # The file of --config=file.py:arg, without the argument get_config() takes.
+  path = config_flags.get_config_filename(FLAGS['config']).partition(':')[0]
   spec = importlib.util.spec_from_file_location('sweep_config', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -89,8 +90,8 @@ def _parse_flags(argv: list[str]) -> list[str]:
     return remaining
   except Exception as e:  # pylint: disable=broad-except  (absl flag errors, and ml_collections'
     # KeyError/AttributeError for an unknown --config.* key)
-    from unet_jax import config_validation  # pylint: disable=g-import-not-at-top
-    _fail(config_validation.flag_error(e, argv), 2)
+    from unet_jax.config import validation  # pylint: disable=g-import-not-at-top  (after parsing)
+    _fail(validation.flag_error(e, argv), 2)
 
 
 def main(argv):
@@ -102,46 +103,48 @@ def main(argv):
     jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
                                num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
   # pylint: disable-next=g-import-not-at-top  (after flag parsing and distributed setup)
-  from unet_jax import checkpointing, config_validation
+  from unet_jax import checkpointing
+  from unet_jax.config import validation
   _show_project_logs()
   try:
     _run(FLAGS.config, FLAGS.workdir)
-  except config_validation.ConfigError as e:
+  except validation.ConfigError as e:
     _fail(str(e), 2)
   except checkpointing.CheckpointWriteError as e:
     _fail(str(e), 1)
 
 
 def _run(config, workdir: str) -> None:
-  """Validates the config (every sweep point too), then runs the mode the flags ask for."""
-  from unet_jax import config_validation, runs, train  # pylint: disable=g-import-not-at-top
+  """Runs the mode the flags ask for; each config is validated once before anything is built
+  (here for a run, predict and export; by the drivers of runs.py for sweeps, folds and eval)."""
+  # pylint: disable-next=g-import-not-at-top  (after flag parsing and distributed setup)
+  from unet_jax import runs
+  from unet_jax.config import validation  # pylint: disable=g-import-not-at-top
+  from unet_jax.inference import export, predict  # pylint: disable=g-import-not-at-top
+  from unet_jax.training import loop  # pylint: disable=g-import-not-at-top
   tile = None if FLAGS.tile_size is None else tuple(int(t) for t in FLAGS.tile_size.split(','))
   tile = tile[0] if tile is not None and len(tile) == 1 else tile
   if FLAGS.mode in ('predict', 'export') and not FLAGS.output:
     raise app.UsageError(f'--mode={FLAGS.mode} needs --output')
-  points = _sweep_points() if FLAGS.sweep and FLAGS.mode == 'train' else None
-  if points is None:  # K-fold runs are checked here too: validate() knows config.data.folds
-    config_validation.validate(config, mode=FLAGS.mode)
-  else:
-    config_validation.validate_points(config, points)
   if FLAGS.mode == 'eval':
     runs.evaluate_checkpoint(config, workdir, split=FLAGS.split, checkpoint=FLAGS.checkpoint)
   elif FLAGS.mode == 'predict':
     if not FLAGS.input:
       raise app.UsageError('--mode=predict needs --input')
-    from unet_jax import predict  # pylint: disable=g-import-not-at-top
+    validation.validate(config, mode='predict')
     predict.run(config, workdir, FLAGS.input, FLAGS.output, tta=FLAGS.tta,
                 checkpoint=FLAGS.checkpoint, tile_size=tile, overlap=FLAGS.overlap,
                 min_size=FLAGS.min_size, hole_size=FLAGS.hole_size, crf=FLAGS.crf)
   elif FLAGS.mode == 'export':
-    from unet_jax import export  # pylint: disable=g-import-not-at-top
+    validation.validate(config, mode='export')
     export.run(config, workdir, FLAGS.output, checkpoint=FLAGS.checkpoint, tile_size=tile)
-  elif points is not None:
-    runs.run_sweep(config, workdir, points)
+  elif FLAGS.sweep:
+    runs.run_sweep(config, workdir, _sweep_points())
   elif config.data.folds:
     runs.run_kfold(config, workdir)
   else:
-    train.train_and_evaluate(config, workdir, allow_config_change=FLAGS.allow_config_change)
+    validation.validate(config)
+    loop.train_and_evaluate(config, workdir, allow_config_change=FLAGS.allow_config_change)
 
 
 if __name__ == '__main__':

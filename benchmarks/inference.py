@@ -18,18 +18,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from unet_jax import inference  # pylint: disable=g-import-not-at-top,wrong-import-position
-from unet_jax.models import UNet  # pylint: disable=g-import-not-at-top,wrong-import-position
+from unet_jax.inference import tiled
+from unet_jax.models import UNet
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +60,7 @@ def random_variables(model: UNet, tile: int, seed: int = 0):
   return jax.tree_util.tree_map_with_path(draw, abstract)
 
 
-def probe(predictor: inference.TiledPredictor, tile: int, batches: int) -> float:
+def probe(predictor: tiled.TiledPredictor, tile: int, batches: int) -> float:
   """Seconds per tile batch (after compilation), the device call and the copy back."""
   x = np.random.default_rng(0).normal(size=(predictor.batch_size, tile, tile, 1))
   x = x.astype(np.float32)
@@ -95,12 +91,12 @@ def main() -> None:
   for key in args.models.split(','):
     setup = SETUPS[key](args.batch)
     variables = random_variables(setup.model, setup.tile)
-    predictor = inference.TiledPredictor.for_model(setup.model, variables, tile_size=setup.tile,
-                                                   batch_size=setup.batch_size)
+    predictor = tiled.TiledPredictor.for_model(setup.model, variables, tile_size=setup.tile,
+                                               batch_size=setup.batch_size)
     plan = predictor.plan(image.shape[:-1])
     per_batch = probe(predictor, setup.tile, args.probe)
     for tta in args.tta.split(','):
-      transforms = len(inference.tta_transforms(tta, 2))
+      transforms = len(tiled.tta_transforms(tta, 2))
       batches = -(-len(plan) // predictor.batch_size) * transforms
       estimate = per_batch * batches
       if estimate <= args.budget:

@@ -16,22 +16,21 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
 
-import numpy as np  # pylint: disable=g-import-not-at-top
+from unet_jax import checkpointing
+from unet_jax.config import overrides
+from unet_jax.datasets import sources
+from unet_jax.evaluation import evaluator
+from unet_jax.evaluation import isbi_metrics
+from unet_jax.evaluation import metrics
+from unet_jax.inference import crf
+from unet_jax.inference import tiled
 
-from experiments import isbi
-from unet_jax import crf
-from unet_jax import evaluation
-from unet_jax import inference
-from unet_jax import input_pipeline
-from unet_jax import isbi_metrics
-from unet_jax import metrics
-from unet_jax import predict
-
+ISBI_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           'experiments', 'isbi.py')
 VARIANTS = (('plain', 'none', False), ('TTA ×8', 'dihedral', False), ('CRF', 'none', True),
             ('TTA ×8 + CRF', 'dihedral', True))
 
@@ -53,12 +52,13 @@ def main() -> None:
   parser.add_argument('--checkpoint', default='best')
   args = parser.parse_args()
 
-  config = isbi.get_config(args.config)
+  config = overrides.load_config_file(ISBI_CONFIG + (f':{args.config}' if args.config else ''))
   config.data.directory = args.isbi_dir
-  dataset = input_pipeline.load_dataset(config.data)
-  _, val = input_pipeline.split_dataset(dataset, config.data)
-  restored = predict.restore(config, args.workdir, checkpoint=args.checkpoint)
-  predictor = inference.TiledPredictor.for_model(
+  dataset = sources.load_dataset(config.data)
+  _, val = sources.split_dataset(dataset, config.data)
+  restored = checkpointing.restore_for_inference(config, args.workdir,
+                                                 checkpoint=args.checkpoint)
+  predictor = tiled.TiledPredictor.for_model(
       restored.model, restored.variables, tile_size=config.data.crop_size,
       batch_size=config.eval_batch_size)
   images = (val.images.astype(np.float32) / 255.0 - config.data.mean) / config.data.std
@@ -82,7 +82,7 @@ def main() -> None:
   for name, scores, seconds in rows:
     print(f'| {name} | ' + ' | '.join(f'{scores[k]:.4f}' if k != 'isbi_warping_error'
                                       else f'{scores[k]:.6f}' for k in keys) + f' | {seconds:.1f} |')
-  paper = evaluation.PAPER_ISBI
+  paper = evaluator.PAPER_ISBI
   print('| paper (hidden test set) | – | – | – | ' + f'{paper["isbi_pixel_error"]} | '
         f'{paper["isbi_rand_error"]} | {paper["isbi_warping_error"]} | – |')
 

@@ -1,20 +1,18 @@
-r"""U-Net training-step speed and memory: JAX (XLA's convolutions and the fast paths) vs PyTorch.
+r"""U-Net train-step speed and memory, JAX vs PyTorch (torch: pip install torch==2.13.0).
 
-  pip install torch==2.13.0                # benchmark-only dependency (a CPU wheel)
   python benchmarks/train_step.py          # widths 16/32/64, batch 4, 1×256×256, ~10 min
   python benchmarks/train_step.py --widths=16 --steps=5
   python benchmarks/train_step.py --gpu_paper --batch=8   # accelerator: the paper model, MFU
 
-The model is the project's `UNet(num_classes=2, width, depth=4, padding='SAME',
-norm='batch')` (the CPU configuration of experiments/isbi.py), trained by the project's
-`train.train_step` with Adam and cross-entropy + Dice, fp32. The JAX columns are the same model
-with `model.conv_impl` = 'xla' (XLA's own convolutions and pooling: "stock"), 'auto' (what the
-library picks on this backend, the default) and 'fast' (every layer on the fast path; see
-unet_jax/models/fast_conv.py); the parameters are the same. The PyTorch peer is the
-same architecture written below, in eager mode, channels_last (its fastest eager layout on
-CPU; `--torch_layout=nchw` for the other), `torch.set_num_threads(--threads)`, with weights
-copied from the JAX initialisation, so both compute the same function: logits and loss are
-checked to agree before anything is timed.
+The model is the project's `UNet(num_classes=2, width, depth=4, padding='SAME', norm='batch')` (the
+CPU configuration of experiments/isbi.py), trained by the project's training step (`train_step` of
+unet_jax/training/train_step.py) with Adam and cross-entropy + Dice, fp32. The JAX columns are the
+same model with `model.conv_impl` = 'xla' (XLA's own convolutions and pooling: "stock"), 'auto'
+(what the library picks on this backend, the default) and 'fast' (every layer on the fast path; see
+unet_jax/models/fast_conv.py); the parameters are the same. The PyTorch peer (torch_peer.py) is the
+same network in eager mode, channels_last (its fastest eager layout on CPU; `--torch_layout=nchw`
+for the other), `torch.set_num_threads(--threads)`, with weights copied from the JAX initialisation,
+so both compute the same function: logits and loss are checked to agree before anything is timed.
 
 JAX and PyTorch run in two worker processes driven in turn by this one, never at the same
 time, so neither's idle thread pool competes with the other's work. Step times are medians of
@@ -42,17 +40,12 @@ import math
 import multiprocessing
 import os
 import statistics
-import sys
 import time
 import traceback
 from typing import Any, Callable
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-TORCH_PIN = 'torch==2.13.0'
 NUM_CLASSES = 2
 DEPTH = 4
 LEARNING_RATE = 1e-3
@@ -117,8 +110,9 @@ class JaxWorker:
             ) -> dict[str, np.ndarray]:
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
     import optax  # pylint: disable=g-import-not-at-top
-    from unet_jax import losses, train  # pylint: disable=g-import-not-at-top
     from unet_jax.models import UNet  # pylint: disable=g-import-not-at-top
+    from unet_jax.training import losses  # pylint: disable=g-import-not-at-top
+    from unet_jax.training import train_step  # pylint: disable=g-import-not-at-top
     jax = self.jax
     tx = optax.adam(LEARNING_RATE)
     loss_fn = losses.make_loss({'cross_entropy': 1.0, 'dice': 1.0})
@@ -129,16 +123,16 @@ class JaxWorker:
     for impl in impls:
       model = UNet(num_classes=NUM_CLASSES, width=width, depth=DEPTH, padding='SAME', norm=norm,
                    conv_impl='xla' if impl == 'stock' else impl)
-      state = train.init_state(jax.random.key(0), model=model, tx=tx,
-                               input_shape=(1, size, size, 1), ema=False)
+      state = train_step.init_state(jax.random.key(0), model=model, tx=tx,
+                                    input_shape=(1, size, size, 1), ema=False)
       if reference is None:
         reference = state
       elif (jax.tree.structure(state) != jax.tree.structure(reference)
             or jax.tree.map(jnp.shape, state) != jax.tree.map(jnp.shape, reference)):
         raise AssertionError(f'{impl}: parameter tree differs from the stock model')
       state = jax.tree.map(jnp.copy, reference)  # same initial weights for every impl
-      step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, loss_fn=loss_fn,
-                                       schedule=lambda _: LEARNING_RATE),
+      step = jax.jit(functools.partial(train_step.train_step, model=model, tx=tx,
+                                       loss_fn=loss_fn, schedule=lambda _: LEARNING_RATE),
                      donate_argnums=(0,)).lower(state, self.batch, jax.random.key(1)).compile()
 
       def loss_and_logits(params, batch_stats, batch):
@@ -188,12 +182,13 @@ def step_memory(*, model: Any, batch: int, size: int, out_size: int,
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
-  from unet_jax import losses, train  # pylint: disable=g-import-not-at-top
+  from unet_jax.training import losses  # pylint: disable=g-import-not-at-top
+  from unet_jax.training import train_step  # pylint: disable=g-import-not-at-top
   tx = optax.adam(LEARNING_RATE)
   loss_fn = losses.make_loss({'cross_entropy': 1.0, 'dice': 1.0})
   data = {'image': jax.ShapeDtypeStruct((batch, size, size, 1), jnp.float32),
           'label': jax.ShapeDtypeStruct((batch, out_size, out_size), jnp.int32)}
-  state = jax.eval_shape(functools.partial(train.init_state, model=model, tx=tx,
+  state = jax.eval_shape(functools.partial(train_step.init_state, model=model, tx=tx,
                                            input_shape=(1, size, size, 1), ema=False),
                          jax.random.key(0))
 
@@ -209,7 +204,7 @@ def step_memory(*, model: Any, batch: int, size: int, out_size: int,
   saved = sum(math.prod(r.shape) * r.dtype.itemsize for r in residuals) / 2**20
   if not compile_step:
     return saved, None
-  step = functools.partial(train.train_step, model=model, tx=tx, loss_fn=loss_fn,
+  step = functools.partial(train_step.train_step, model=model, tx=tx, loss_fn=loss_fn,
                            schedule=lambda _: LEARNING_RATE)
   analysis = jax.jit(step).lower(state, data, jax.random.key(1)).compile().memory_analysis()
   planned = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes
@@ -221,7 +216,7 @@ def run_memory(args: argparse.Namespace, widths: list[int]) -> None:
   """Saved activations and XLA's memory plan per remat policy (see the module docstring)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from unet_jax.models import UNet, blocks, output_size  # pylint: disable=g-import-not-at-top
+  from unet_jax.models import UNet, blocks  # pylint: disable=g-import-not-at-top
   policies = blocks.REMAT_POLICIES
   print(f'\nMemory per remat policy ({jax.devices()[0].device_kind}; MiB): activations saved '
         'for the backward pass / XLA\'s compiled plan of the train step\n')
@@ -240,163 +235,17 @@ def run_memory(args: argparse.Namespace, widths: list[int]) -> None:
       model = UNet(num_classes=NUM_CLASSES, width=width, depth=DEPTH, padding=padding, norm=norm,
                    remat=policy, dtype=jnp.dtype(dtype))
       saved, planned = step_memory(model=model, batch=batch, size=size, compile_step=compile_step,
-                                   out_size=output_size(size, depth=DEPTH, padding=padding))
+                                   out_size=model.output_size(size))
       cells.append(f'{saved:,.0f}' + (f' / {planned:,.0f}' if planned is not None else ''))
     print(f'| {name} | {batch} | {size}² | {dtype} | ' + ' | '.join(cells) + ' |', flush=True)
-
-
-# --- the PyTorch side ------------------------------------------------------------------------
-
-
-def _torch_unet(torch: Any, *, width: int, depth: int, norm: str) -> Any:
-  """The same network as unet_jax.models.UNet(padding='SAME'), in torch.nn."""
-  tnn = torch.nn
-
-  def conv_block(cin: int, cout: int) -> Any:
-    layers = []
-    for c in (cin, cout):
-      layers.append(tnn.Conv2d(c, cout, 3, padding=1, bias=norm == 'none'))
-      if norm == 'batch':
-        layers.append(tnn.BatchNorm2d(cout, eps=1e-5, momentum=0.1))
-      layers.append(tnn.ReLU(inplace=True))
-    return tnn.Sequential(*layers)
-
-  class UNet(tnn.Module):
-
-    def __init__(self):
-      super().__init__()
-      self.encoders = tnn.ModuleList(
-          conv_block(1 if level == 0 else width * 2**(level - 1), width * 2**level)
-          for level in range(depth + 1))
-      self.ups = tnn.ModuleList(
-          tnn.ConvTranspose2d(width * 2**(level + 1), width * 2**level, 2, stride=2)
-          for level in range(depth))
-      self.decoders = tnn.ModuleList(
-          conv_block(width * 2**(level + 1), width * 2**level) for level in range(depth))
-      self.head = tnn.Conv2d(width, NUM_CLASSES, 1)
-
-    def forward(self, x):
-      skips = []
-      for level, encoder in enumerate(self.encoders):
-        if level:
-          x = torch.nn.functional.max_pool2d(x, 2)
-        x = encoder(x)
-        skips.append(x)
-      x = skips.pop()
-      for level in reversed(range(depth)):
-        x = self.decoders[level](torch.cat([skips[level], self.ups[level](x)], 1))
-      return self.head(x)
-
-  return UNet()
-
-
-def _copy_jax_weights(torch: Any, model: Any, variables: dict[str, np.ndarray], *,
-                      depth: int, norm: str) -> None:
-  """Copies the flax variables (keystr → array) into the torch model, layout by layout."""
-
-  def get(path: str) -> Any:
-    return torch.from_numpy(np.ascontiguousarray(variables[path]))
-
-  def conv_block(seq: Any, prefix: str) -> None:
-    convs = [m for m in seq if isinstance(m, torch.nn.Conv2d)]
-    norms = [m for m in seq if isinstance(m, torch.nn.BatchNorm2d)]
-    for i, conv in enumerate(convs):
-      p = f"{prefix}['block']['conv{i}']"
-      conv.weight.copy_(get(f"['params']{p}['kernel']").permute(3, 2, 0, 1))  # HWIO → OIHW
-      if conv.bias is not None:
-        conv.bias.copy_(get(f"['params']{p}['bias']"))
-      if norm == 'batch':
-        q = f"{prefix}['block']['norm{i}']['BatchNorm_0']"
-        norms[i].weight.copy_(get(f"['params']{q}['scale']"))
-        norms[i].bias.copy_(get(f"['params']{q}['bias']"))
-        norms[i].running_mean.copy_(get(f"['batch_stats']{q}['mean']"))
-        norms[i].running_var.copy_(get(f"['batch_stats']{q}['var']"))
-
-  with torch.no_grad():
-    for level, encoder in enumerate(model.encoders):
-      conv_block(encoder, f"['encoder{level}']")
-    for level in range(depth):
-      conv_block(model.decoders[level], f"['decoder{level}']")
-      p = f"['params']['decoder{level}']['upsample']['ConvTranspose_0']"
-      # lax.conv_transpose does not flip the kernel; torch's transposed conv does, and keeps
-      # the kernel as (C_in, C_out, kh, kw).
-      kernel = np.ascontiguousarray(variables[p + "['kernel']"][::-1, ::-1].transpose(2, 3, 0, 1))
-      model.ups[level].weight.copy_(torch.from_numpy(kernel))
-      model.ups[level].bias.copy_(get(p + "['bias']"))
-    model.head.weight.copy_(get("['params']['head']['Conv_0']['kernel']").permute(3, 2, 0, 1))
-    model.head.bias.copy_(get("['params']['head']['Conv_0']['bias']"))
-
-
-class TorchWorker:
-  """The PyTorch eager peer: same network, weights, data, loss and optimizer."""
-
-  def __init__(self, threads: int):
-    try:
-      import torch  # pylint: disable=g-import-not-at-top
-    except ImportError:
-      raise SystemExit(f'PyTorch is needed for the comparison: pip install {TORCH_PIN}') from None
-    torch.set_num_threads(threads)
-    self.torch = torch
-
-  def describe(self) -> str:
-    return f'torch {self.torch.__version__}, {self.torch.get_num_threads()} threads'
-
-  def setup(self, *, width: int, batch: int, size: int, norm: str, layout: str,
-            variables: dict[str, np.ndarray]) -> None:
-    torch = self.torch
-    self.model = _torch_unet(torch, width=width, depth=DEPTH, norm=norm)
-    _copy_jax_weights(torch, self.model, variables, depth=DEPTH, norm=norm)
-    self.memory_format = (torch.channels_last if layout == 'channels_last'
-                          else torch.contiguous_format)
-    self.model = self.model.to(memory_format=self.memory_format)
-    data = make_batch(batch, size)
-    self.image = torch.from_numpy(data['image']).permute(0, 3, 1, 2).contiguous(
-        memory_format=self.memory_format)
-    self.label = torch.from_numpy(data['label']).long()
-    self.optimizer = torch.optim.Adam(self.model.parameters(), lr=LEARNING_RATE, eps=1e-8)
-
-  def _loss(self, logits: Any) -> Any:
-    """Cross-entropy + soft Dice (smooth 1, all classes), as unet_jax.losses.make_loss."""
-    functional = self.torch.nn.functional
-    ce = functional.cross_entropy(logits, self.label)
-    probs = logits.softmax(1)
-    onehot = functional.one_hot(self.label, NUM_CLASSES).permute(0, 3, 1, 2).to(probs.dtype)
-    inter = (probs * onehot).sum((2, 3))
-    total = probs.sum((2, 3)) + onehot.sum((2, 3))
-    dice = (2 * inter + 1) / (total + 1)
-    return ce + (1 - dice.mean(1)).mean()
-
-  def outputs(self) -> tuple[float, np.ndarray]:
-    self.model.train()
-    with self.torch.no_grad():
-      logits = self.model(self.image)
-      loss = self._loss(logits)
-    return float(loss), logits.permute(0, 2, 3, 1).contiguous().numpy()
-
-  def step(self) -> float:
-    self.model.train()
-    start = time.perf_counter()
-    self.optimizer.zero_grad(set_to_none=True)
-    loss = self._loss(self.model(self.image))
-    loss.backward()
-    self.optimizer.step()
-    float(loss)
-    return time.perf_counter() - start
-
-  def forward(self) -> float:
-    self.model.eval()
-    start = time.perf_counter()
-    with self.torch.no_grad():
-      self.model(self.image)
-    return time.perf_counter() - start
 
 
 # --- driving the two workers -----------------------------------------------------------------
 
 
-def _serve(connection: Any, kind: str, threads: int) -> None:
+def _serve(connection: Any, factory: Callable[..., Any], args: tuple[Any, ...]) -> None:
   try:
-    worker = JaxWorker() if kind == 'jax' else TorchWorker(threads)
+    worker = factory(*args)
   except SystemExit as exit_:
     connection.send(('exit', str(exit_)))
     return
@@ -413,12 +262,12 @@ def _serve(connection: Any, kind: str, threads: int) -> None:
 
 
 class Worker:
-  """A worker process; calls block until it answers."""
+  """A worker process holding `factory(*args)`; calls block until it answers."""
 
-  def __init__(self, kind: str, threads: int):
+  def __init__(self, factory: Callable[..., Any], *args: Any):
     context = multiprocessing.get_context('spawn')
     self.connection, child = context.Pipe()
-    self.process = context.Process(target=_serve, args=(child, kind, threads), daemon=True)
+    self.process = context.Process(target=_serve, args=(child, factory, args), daemon=True)
     self.process.start()
     status, message = self.connection.recv()
     if status == 'exit':
@@ -476,8 +325,10 @@ def run_cpu(args: argparse.Namespace) -> None:
   widths = [int(w) for w in args.widths.split(',')]
   impls = ['stock'] + [i for i in args.impls.split(',') if i != 'stock']
   default_steps = {16: 5, 32: 3, 64: 2}
-  jax_worker = Worker('jax', args.threads)
-  torch_worker = None if args.no_torch else Worker('torch', args.threads)
+  # Not at the top: the tests load this file by path, without benchmarks/ on sys.path.
+  import torch_peer  # pylint: disable=g-import-not-at-top
+  jax_worker = Worker(JaxWorker)
+  torch_worker = None if args.no_torch else Worker(torch_peer.TorchWorker, args.threads)
   print(f'{jax_worker("describe")}; '
         f'{torch_worker("describe") if torch_worker else "no torch"}; '
         f'{os.cpu_count()} CPUs; batch {args.batch}, 1×{args.size}×{args.size}, norm '
@@ -496,8 +347,9 @@ def run_cpu(args: argparse.Namespace) -> None:
                              norm=args.norm, impls=tuple(impls))
       params = sum(v.size for k, v in variables.items() if k.startswith("['params']"))
       if torch_worker:
-        torch_worker('setup', width=width, batch=args.batch, size=args.size, norm=args.norm,
-                     layout=args.torch_layout, variables=variables)
+        torch_worker('setup', width=width, depth=DEPTH, num_classes=NUM_CLASSES, norm=args.norm,
+                     layout=args.torch_layout, learning_rate=LEARNING_RATE, variables=variables,
+                     data=make_batch(args.batch, args.size))
       agreement = _check_agreement(jax_worker, torch_worker, impls, args.tolerance)
       print(f'width {width}: {params:,} parameters; agreement before timing: {agreement}',
             flush=True)
@@ -551,8 +403,9 @@ def run_gpu_paper(args: argparse.Namespace) -> None:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
-  from unet_jax import losses, train  # pylint: disable=g-import-not-at-top
-  from unet_jax.models import UNet, output_size  # pylint: disable=g-import-not-at-top
+  from unet_jax.models import UNet  # pylint: disable=g-import-not-at-top
+  from unet_jax.training import losses  # pylint: disable=g-import-not-at-top
+  from unet_jax.training import train_step  # pylint: disable=g-import-not-at-top
 
   n = args.matmul_size
   a = jnp.ones((n, n), jnp.bfloat16)
@@ -566,7 +419,7 @@ def run_gpu_paper(args: argparse.Namespace) -> None:
   del a, result
 
   size = args.tile
-  out = output_size(size, depth=DEPTH, padding='VALID')
+  out = UNet(num_classes=NUM_CLASSES, width=64, depth=DEPTH, padding='VALID').output_size(size)
   tx = optax.adam(LEARNING_RATE)
   loss_fn = losses.make_loss({'cross_entropy': 1.0, 'dice': 1.0})
   data = make_batch(args.batch, size)
@@ -582,9 +435,9 @@ def run_gpu_paper(args: argparse.Namespace) -> None:
   for policy in ('full', 'conv', 'none'):
     model = UNet(num_classes=NUM_CLASSES, width=64, depth=DEPTH, padding='VALID', norm='none',
                  dtype=jnp.bfloat16, remat=policy)
-    state = train.init_state(jax.random.key(0), model=model, tx=tx,
-                             input_shape=(1, size, size, 1), ema=False)
-    step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, loss_fn=loss_fn,
+    state = train_step.init_state(jax.random.key(0), model=model, tx=tx,
+                                  input_shape=(1, size, size, 1), ema=False)
+    step = jax.jit(functools.partial(train_step.train_step, model=model, tx=tx, loss_fn=loss_fn,
                                      schedule=lambda _: LEARNING_RATE), donate_argnums=(0,))
     compiled = step.lower(state, batch, jax.random.key(1)).compile()
     analysis = compiled.memory_analysis()

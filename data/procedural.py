@@ -6,7 +6,7 @@ writes `train-volume.tif` (N, H, W) uint8 and `train-labels.tif` (N, H, W) uint8
 polarity (255 = cell interior, 0 = membrane), so the images can be inspected in any TIFF viewer
 (Fiji, napari) or trained on through the same loader as the real data. With `--num-test-images M`
 it also writes `test-volume.tif`, drawn as images N..N+M-1 of the same seed so that they differ
-from the training images. Image i depends only on (seed, i); see `unet_jax.procedural`.
+from the training images. Image i depends only on (seed, i); see `unet_jax.datasets.procedural`.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import sys
 from typing import Sequence
 
 try:
-  from unet_jax import procedural
+  from unet_jax.datasets import procedural
 except ImportError:  # Run from a checkout without the package installed.
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-  from unet_jax import procedural
+  from unet_jax.datasets import procedural
 
 
 def _load_isbi_module():

@@ -32,10 +32,10 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 try:
-  from unet_jax import input_pipeline
+  from unet_jax.datasets import loaders
 except ImportError:  # Run from a checkout without the package installed.
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-  from unet_jax import input_pipeline
+  from unet_jax.datasets import loaders
 
 NAME = 'isbi2012'
 
@@ -80,7 +80,7 @@ class Isbi2012(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     return {'train': self._generate_examples(os.fspath(dl_manager.manual_dir))}
 
   def _generate_examples(self, directory: str):
-    dataset = input_pipeline.load_isbi(directory)
+    dataset = loaders.load_isbi(directory)
     for z in range(len(dataset)):
       yield z, {'image': png_bytes(dataset.images[z]), 'label': png_bytes(dataset.labels[z]),
                 'slice': np.int32(z)}

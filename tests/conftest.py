@@ -1,12 +1,14 @@
-"""Test setup: 8 simulated CPU devices (set before jax is imported) and the shared data paths."""
+"""Test setup: 8 simulated CPU devices (set before jax is imported) and the shared data paths.
+
+The package is imported as installed (`pip install -e .`); `python -m pytest` from the checkout
+also finds the configs in experiments/.
+"""
 
 import os
-import sys
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 # The shared data sits beside the checkout; the variables override where it is.
 for _variable, _folder in [('UNET_JAX_ISBI_DIR', 'isbi2012'),
                            ('UNET_JAX_NUCLEI_DIR', 'dsb2018_stardist_sample')]:

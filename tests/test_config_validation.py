@@ -1,6 +1,6 @@
 """Up-front config validation: every bad-config class fails in one line, before data or compiling.
 
-In-process tests run `config_validation.validate` under a guard that fails the test if anything is
+In-process tests run `validation.validate` under a guard that fails the test if anything is
 compiled (a listener on JAX's backend-compile event) or if any data loader is called. One
 subprocess test shows launch.py's one-line stderr and exit status 2.
 """
@@ -20,12 +20,14 @@ from absl import flags
 from experiments import isbi
 from experiments import isbi3d
 from experiments import quickstart
-from unet_jax import config_validation
-from unet_jax import input_pipeline
-from unet_jax import procedural
-from unet_jax import sources
-from unet_jax import train
-from unet_jax.config_validation import ConfigError
+from unet_jax.config import validation
+from unet_jax.datasets import procedural
+from unet_jax.datasets import images as image_files
+from unet_jax.datasets import loaders
+from unet_jax.datasets import sources
+from unet_jax.models import build_model
+from unet_jax.models import whole_image
+from unet_jax.config.validation import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMPILE_EVENT = '/jax/core/compile/backend_compile_duration'
@@ -47,9 +49,9 @@ def nothing_compiled_or_loaded(monkeypatch):
       raise AssertionError(f'validation called {original.__name__}')
     return refused
 
-  for module, name in [(input_pipeline, 'load_dataset'), (input_pipeline, 'load_isbi'),
-                       (sources, 'read_array'), (sources, 'load_folder'),
-                       (sources, 'load_volumes'), (procedural, 'make_em_like')]:
+  for module, name in [(sources, 'load_dataset'), (loaders, 'load_isbi'),
+                       (image_files, 'read_image'), (loaders, 'load_folder'),
+                       (loaders, 'load_volumes'), (procedural, 'make_em_like')]:
     monkeypatch.setattr(module, name, refuse(getattr(module, name)))
   monkeypatch.setattr(jax, 'jit', refuse(jax.jit))
   jax.monitoring.register_event_duration_secs_listener(listener)
@@ -77,24 +79,24 @@ def _with(config: ml_collections.ConfigDict, **changes) -> ml_collections.Config
 
 def _error(config: ml_collections.ConfigDict, **kwargs) -> ConfigError:
   with pytest.raises(ConfigError) as info:
-    config_validation.validate(config, **kwargs)
+    validation.validate(config, **kwargs)
   message = str(info.value)
   assert '\n' not in message and message == message.strip()
   return info.value
 
 
 def test_the_shipped_configs_are_valid():
-  config_validation.validate(_smoke())
+  validation.validate(_smoke())
   for config in (quickstart.get_config(''), isbi.get_config(''), isbi.get_config('cpu'),
                  isbi3d.get_config(''), isbi3d.get_config('smoke')):
-    config_validation.validate(config, mode='predict')  # no data directory, any batch size
+    validation.validate(config, mode='predict')  # no data directory, any batch size
 
 
 def test_the_isbi_configs_are_valid_for_training_on_the_real_data(isbi_dir):
   for config in (isbi.get_config(''), isbi.get_config('cpu'), isbi3d.get_config('smoke')):
     config.data.directory = isbi_dir
     config.batch_size = config.eval_batch_size = 8  # the 8 simulated devices of the tests
-    config_validation.validate(config)
+    validation.validate(config)
 
 
 @pytest.mark.parametrize('path,value,closest', [
@@ -195,8 +197,9 @@ def test_a_crop_the_valid_convolution_net_cannot_take_suggests_the_nearest_sizes
   assert str(error).startswith('config.data.crop_size=570: input size 570 is invalid')
   assert 'expected one of the nearby valid sizes [540, 556, 572, 588, 604]' in str(error)
   config.data.crop_size = 572
-  config_validation.validate(config, mode='predict')
-  assert train.check_config(config) == (92, 92)  # (572 − 388) / 2, the paper's mirror border
+  validation.validate(config, mode='predict')
+  model = build_model(config.model, num_classes=2)
+  assert whole_image.mirror_border(model, (572, 572)) == (92, 92)  # (572 − 388) / 2, the paper's
 
 
 @pytest.mark.parametrize('changes,field,message', [
@@ -244,14 +247,14 @@ def test_deep_supervision_weights_must_match_the_heads_of_unet_plus_plus():
                               'model.unet_plus_plus.deep_supervision': True,
                               'loss.deep_supervision_weights': (1.0, 1.0, 1.0)})
   assert 'does not fit the 2 output head(s)' in str(_error(config))
-  config_validation.validate(_with(config, **{'loss.deep_supervision_weights': (0.3, 0.7)}))
+  validation.validate(_with(config, **{'loss.deep_supervision_weights': (0.3, 0.7)}))
 
 
 def test_hausdorff_metrics_count_when_evaluation_produces_them():
   config = _with(_smoke(), **{'eval.hausdorff_classes': (1,),
                               'checkpoint.best_metric': 'hd95_membrane',
                               'checkpoint.best_mode': 'min'})
-  config_validation.validate(config)
+  validation.validate(config)
 
 
 @pytest.mark.parametrize('changes,field,message', [
@@ -263,7 +266,7 @@ def test_hausdorff_metrics_count_when_evaluation_produces_them():
 def test_source_fields_are_required(changes, field, message):
   error = _error(_with(_smoke(), **changes))
   assert error.field == field and message in str(error), str(error)
-  config_validation.validate(_with(_smoke(), **changes), mode='predict')  # predict reads no data
+  validation.validate(_with(_smoke(), **changes), mode='predict')  # predict reads no data
 
 
 def test_source_paths_must_exist(tmp_path):
@@ -278,41 +281,44 @@ def test_source_paths_must_exist(tmp_path):
 def test_predict_and_export_skip_the_training_batch_sizes():
   config = _with(_smoke(), batch_size=3)
   assert _error(config, mode='eval').field == 'config.batch_size'
-  config_validation.validate(config, mode='predict')
-  config_validation.validate(config, mode='export')
+  validation.validate(config, mode='predict')
+  validation.validate(config, mode='export')
 
 
-def test_check_config_delegates_and_keeps_the_border():
-  assert train.check_config(_smoke()) == (0, 0)  # SAME padding trims nothing
+def test_validation_names_the_field_and_same_nets_keep_no_border():
+  config = _smoke()
+  validation.validate(config)
+  model = build_model(config.model, num_classes=len(config.data.class_names))
+  assert whole_image.mirror_border(model, (64, 64)) == (0, 0)  # SAME padding trims nothing
   with pytest.raises(ConfigError, match="config.nonfinite='ignore' is not one of"):
-    train.check_config(_with(_smoke(), nonfinite='ignore'))
+    validation.validate(_with(_smoke(), nonfinite='ignore'))
 
 
 def test_sweep_points_are_validated_with_the_point_named():
   config = _smoke()
   with pytest.raises(ConfigError) as info:
-    config_validation.validate_points(config, [{'optimizer.learning_rate': 1e-3},
+    validation.validate_points(config, [{'optimizer.learning_rate': 1e-3},
                                                {'optimizer.learnig_rate': 1e-3}])
   assert str(info.value).startswith("config.optimizer.learnig_rate=0.001 is not a config field")
   assert '(closest: learning_rate)' in str(info.value)
   assert str(info.value).endswith("(sweep point 2 of 2: {'optimizer.learnig_rate': 0.001})")
   with pytest.raises(ConfigError, match=r'config.model.width=0 is out of range.*sweep point 1'):
-    config_validation.validate_points(config, [{'model.width': 0}])
-  config_validation.validate_points(config, quickstart.sweep())
+    validation.validate_points(config, [{'model.width': 0}])
+  validation.validate_points(config, quickstart.sweep())
 
 
 def test_flag_errors_become_one_line_naming_the_field():
   argv = ['launch.py', f'--config={ROOT}/experiments/quickstart.py:smoke', '--workdir=w']
   unknown = KeyError('\'nme\'\nDid you mean "name" instead of "nme"?')
-  message = config_validation.flag_error(unknown, argv + ['--config.model.nme=unet'])
+  message = validation.flag_error(unknown, argv + ['--config.model.nme=unet'])
   assert message == ("config.model.nme='unet' is not a config field (config.model has no field "
                      "'nme'); expected a field of config.model (closest: name)")
   wrong = flags.IllegalFlagValueError(
       "flag --config.num_steps=abc: invalid literal for int() with base 10: 'abc'")
-  message = config_validation.flag_error(wrong, argv + ['--config.num_steps=abc'])
+  message = validation.flag_error(wrong, argv + ['--config.num_steps=abc'])
   assert message.startswith("config.num_steps='abc' cannot be read as int")
   assert message.endswith("expected int like the config file's value 4")
-  message = config_validation.flag_error(ValueError('x'), ['launch.py', '--config=nope.py'])
+  message = validation.flag_error(ValueError('x'), ['launch.py', '--config=nope.py'])
   assert message.startswith('--config=nope.py cannot be loaded: FileNotFoundError')
 
 

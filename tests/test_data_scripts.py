@@ -14,7 +14,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from unet_jax.procedural import make_em_like
+from unet_jax.datasets.procedural import make_em_like
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DATA = REPO / 'data'

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from unet_jax import device_augment as D
-from unet_jax import intensity as I
+from unet_jax.augment import on_device as D
+from unet_jax.augment import geometric as G
+from unet_jax.augment import intensity as I
 from unet_jax import sharding
-from unet_jax import transforms as T
+from unet_jax.augment import transforms as T
 
 GEOMETRIC = ('elastic(p=1, sigma=3)|rotate(p=1, degrees=30)|scale(p=1, min=0.8, max=1.25)|'
              'shift(p=1, max=2.5)|flip|rot90')
@@ -42,7 +43,7 @@ def test_device_geometry_matches_host_for_the_same_random_numbers(spec, shape):
              'weight': image[..., 1] + 1, 'instances': (image[..., 1] * 4).astype(np.int32)}
   for seed in range(2):
     draws = _draws(ops, len(shape), seed)
-    host = T.GeometricAugment(ops, order=1).apply(example, draws)
+    host = G.GeometricAugment(ops, order=1).apply(example, draws)
     device = _apply_geometry({k: jnp.asarray(v) for k, v in example.items()}, ops,
                              [(jnp.asarray(u, jnp.float32), jnp.asarray(z, jnp.float32))
                               for u, z in draws])

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from unet_jax import export
+from unet_jax.inference import export
 from unet_jax.models import UNet
 
 

@@ -16,8 +16,9 @@ import pytest
 
 from experiments import quickstart
 from unet_jax import checkpointing
-from unet_jax import metric_writers
-from unet_jax import train
+from unet_jax.training import metric_writers
+from unet_jax.training import loop
+from unet_jax.training import train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = ['--config.num_steps=20', '--config.eval_every=10', '--config.log_every=1',
@@ -78,13 +79,13 @@ def _trained(tmp_path, **overrides):
   config = quickstart.get_config('smoke')
   config.update(dict(num_steps=6, eval_every=6, num_overlays=0, **overrides))
   config.checkpoint.every = 2
-  train.train_and_evaluate(config, str(tmp_path))
+  loop.train_and_evaluate(config, str(tmp_path))
   return config
 
 
 def _restore_latest(config, workdir):
-  setup = train.build(config, input_channels=1, spatial_rank=2)
-  return checkpointing.restore_latest(train.make_manager(config, str(workdir)),
+  setup = train_step.build(config, input_channels=1, spatial_rank=2)
+  return checkpointing.restore_latest(checkpointing.run_manager(config, str(workdir)),
                                       setup.abstract_state)
 
 
@@ -112,7 +113,7 @@ def test_a_corrupted_latest_checkpoint_is_skipped_with_a_warning(tmp_path, caplo
 
 
 def test_a_nan_loss_never_reaches_a_checkpoint(tmp_path, monkeypatch):
-  make_iterator = train.input_pipeline.train_iterator
+  make_iterator = loop.pipeline.train_iterator
 
   def poisoned(*args, **kwargs):
     inner = make_iterator(*args, **kwargs)
@@ -135,12 +136,12 @@ def test_a_nan_loss_never_reaches_a_checkpoint(tmp_path, monkeypatch):
 
     return Poisoned()
 
-  monkeypatch.setattr(train.input_pipeline, 'train_iterator', poisoned)
+  monkeypatch.setattr(loop.pipeline, 'train_iterator', poisoned)
   config = quickstart.get_config('smoke')
   config.update(dict(num_steps=10, eval_every=10, log_every=5, num_overlays=0))
   config.checkpoint.every = 1
   with pytest.raises(FloatingPointError, match='at step 5'):
-    train.train_and_evaluate(config, str(tmp_path))
+    loop.train_and_evaluate(config, str(tmp_path))
   monkeypatch.undo()
   state, _ = _restore_latest(config, tmp_path)
   assert int(state.step) == 4
@@ -168,7 +169,7 @@ def test_a_full_disk_fails_clearly_keeps_the_earlier_checkpoint_and_a_rerun_resu
   config = quickstart.get_config('smoke')
   config.update(dict(num_steps=2, eval_every=6, log_every=2, num_overlays=0))
   config.checkpoint.every = 2
-  train.train_and_evaluate(config, str(tmp_path))  # checkpoint 2, written with room to spare
+  loop.train_and_evaluate(config, str(tmp_path))  # checkpoint 2, written with room to spare
   directory = str(tmp_path / 'checkpoints')
   assert checkpointing.complete_steps(directory) == [2]
 
@@ -192,7 +193,7 @@ def test_a_full_disk_fails_clearly_keeps_the_earlier_checkpoint_and_a_rerun_resu
 
   config.num_steps = 6  # the same run with space again
   with caplog.at_level('INFO', logger='unet_jax'):
-    train.train_and_evaluate(config, str(tmp_path))
+    loop.train_and_evaluate(config, str(tmp_path))
   assert any('resuming from step 2' in r.getMessage() for r in caplog.records)
   assert json.load(open(tmp_path / 'final_metrics.json'))['step'] == 6
   assert checkpointing.complete_steps(directory)[-1] == 6

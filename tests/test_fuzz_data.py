@@ -1,15 +1,15 @@
 """Fuzzed data files through the real readers: each either loads correctly or fails by name.
 
-The readers are the ones the sources use: the 'folder' source (sources.load_folder), the ISBI
-TIFF stacks (input_pipeline.load_isbi), the 'volumes' source (sources.load_volumes) and predict's
-image reader (predict.read_image + predict.as_samples). Hypothesis writes files holding arrays of
+The readers are the ones the sources use: the 'folder' source (loaders.load_folder), the ISBI
+TIFF stacks (loaders.load_isbi), the 'volumes' source (loaders.load_volumes) and predict's
+image reader (image_files.read_image + predict.as_samples). Hypothesis writes files holding arrays of
 random rank (1–4), size (zero-size included), dtype (uint8, uint16, int8, int32, int64, float16,
 float32, float64 with NaN/inf, bool, complex64) and values (labels outside the class range
 included), or random bytes, a truncated valid file, or nothing at all.
 
 The property, for every reader: an independent reference computed from the arrays the files were
 written from says whether the data is valid by the reader's documented rules. Valid data must
-load and equal the reference; invalid data must raise sources.DataError whose message names a
+load and equal the reference; invalid data must raise dataset_lib.DataError whose message names a
 file at fault. A truncated file may still decode (PNG tolerates a cut end): then it must decode to
 exactly the array it was written from. Never an opaque exception, never a silent wrong result.
 """
@@ -30,9 +30,10 @@ from hypothesis import strategies as st
 from PIL import Image
 from skimage import exposure
 
-from unet_jax import input_pipeline
-from unet_jax import predict
-from unet_jax import sources
+from unet_jax.inference import predict
+from unet_jax.datasets import loaders
+from unet_jax.datasets import dataset as dataset_lib
+from unet_jax.datasets import images as image_files
 
 FUZZ = hypothesis.settings(max_examples=25, deadline=None, derandomize=True, database=None,
                            suppress_health_check=[hypothesis.HealthCheck.too_slow])
@@ -151,7 +152,7 @@ def _check(load, *, bad: set[str], maybe: set[str], compare) -> None:
   with a result that `compare` accepts."""
   try:
     result = load()
-  except sources.DataError as e:
+  except dataset_lib.DataError as e:
     hypothesis.event('rejected')
     message = str(e)
     named = [p for p in bad | maybe if p in message]
@@ -167,13 +168,13 @@ def _float_ok(a: np.ndarray) -> bool:
 
 
 def _uint8_reference(stack: np.ndarray) -> np.ndarray:
-  """The documented rule of sources.images_to_uint8, via skimage's linear rescaling."""
+  """The documented rule of image_files.images_to_uint8, via skimage's linear rescaling."""
   if stack.dtype == np.uint8:
     return stack
   if stack.dtype.kind in 'iu' and stack.min() >= 0 and stack.max() <= 255:
     return stack.astype(np.uint8)
   values = stack.astype(np.float64)
-  lo, hi = np.percentile(values, sources.PERCENTILES)
+  lo, hi = np.percentile(values, image_files.PERCENTILES)
   if hi <= lo:
     return np.zeros(stack.shape, np.uint8)
   scaled = exposure.rescale_intensity(values, in_range=(lo, hi), out_range=(0.0, 255.0))
@@ -203,7 +204,7 @@ def _clean(array_strategy):
 def folder_cases(draw, fault: str):
   """(mask_mode, num_classes, [(image FileSpec, mask FileSpec)]): a clean set of pairs of one
   shape with `fault` put into one file ('none': left clean)."""
-  mode = draw(st.sampled_from(sources.MASK_MODES))
+  mode = draw(st.sampled_from(loaders.MASK_MODES))
   num_classes = draw(st.sampled_from([2, 3])) if mode == 'classes' else 2
   top = num_classes - 1 if mode == 'classes' else 3
   shape = draw(st.sampled_from([(4, 5), (4, 5, 3), (3, 3)]))
@@ -299,7 +300,7 @@ def test_folder_source_loads_correctly_or_names_the_bad_file(fault, data):
       else:
         assert ids is None
 
-    _check(lambda: sources.load_folder_with_instances(
+    _check(lambda: loaders.load_folder_with_instances(
         os.path.join(tmp, 'images'), os.path.join(tmp, 'masks'), num_classes=num_classes,
         mask_mode=mode), bad=bad, maybe=maybe, compare=compare)
 
@@ -357,7 +358,7 @@ def test_isbi_stacks_load_correctly_or_name_the_bad_file(fault, data):
       np.testing.assert_array_equal(dataset.images, volume[..., None])
       np.testing.assert_array_equal(dataset.labels, (labels == 0).astype(np.uint8))
 
-    _check(lambda: input_pipeline.load_isbi(tmp), bad=bad, maybe=maybe, compare=compare)
+    _check(lambda: loaders.load_isbi(tmp), bad=bad, maybe=maybe, compare=compare)
 
 
 # ---------------------------------------------------------------------------- 'volumes' source
@@ -367,7 +368,7 @@ def test_isbi_stacks_load_correctly_or_name_the_bad_file(fault, data):
 def volume_cases(draw, fault: str):
   """(label_mode, [(image FileSpec, labels FileSpec)]): clean (D, H, W) volumes with `fault`
   put into one file."""
-  label_mode = draw(st.sampled_from(sources.LABEL_MODES))
+  label_mode = draw(st.sampled_from(loaders.LABEL_MODES))
   shape = draw(st.sampled_from([(2, 3, 4), (3, 3, 3)]))
 
   def labels(values=None, where=shape, dtypes=PLAIN_MASK):
@@ -424,7 +425,7 @@ def test_volumes_source_loads_correctly_or_names_the_bad_file(fault, data):
       if image is not None and labels.shape != image.shape:
         bad |= {labels_path, image_path}
       ids = labels.astype(object)
-      allowed = (0, 255) if label_mode == 'isbi' else range(sources.IGNORE_CLASS)
+      allowed = (0, 255) if label_mode == 'isbi' else range(dataset_lib.IGNORE_CLASS)
       if not all(v in allowed for v in ids.ravel()):
         bad.add(labels_path)
       elif image is not None:
@@ -437,7 +438,7 @@ def test_volumes_source_loads_correctly_or_names_the_bad_file(fault, data):
       _assert_uint8_close(dataset.images, _uint8_reference(np.stack(images))[..., None])
       np.testing.assert_array_equal(dataset.labels, np.stack(labels_out).astype(np.uint8))
 
-    _check(lambda: sources.load_volumes([p for p, _ in paths], [p for _, p in paths],
+    _check(lambda: loaders.load_volumes([p for p, _ in paths], [p for _, p in paths],
                                         label_mode=label_mode),
            bad=bad, maybe=maybe, compare=compare)
 
@@ -482,7 +483,7 @@ def test_predict_reader_reads_correctly_or_names_the_bad_file(fault, data):
         expected = array.reshape(-1, *array.shape[-2:], 1)
 
     def read():
-      return predict.as_samples(predict.read_image(path), spatial_rank=2, channels=1, path=path)
+      return predict.as_samples(image_files.read_image(path), spatial_rank=2, channels=1, path=path)
 
     def compare(samples):
       assert samples.dtype == expected.dtype
@@ -501,5 +502,5 @@ def test_a_corrupt_image_in_a_folder_is_named_not_a_pil_error(tmp_path):
   masks.mkdir()
   Image.fromarray(np.zeros((4, 4), np.uint8)).save(images / 'a.png')
   (masks / 'a.png').write_bytes(b'\x89PNG\r\n\x1a\n' + os.urandom(40))
-  with pytest.raises(sources.DataError, match=r'mask file .*masks/a\.png is not a readable'):
-    sources.load_folder(str(images), str(masks), num_classes=2, mask_mode='binary')
+  with pytest.raises(dataset_lib.DataError, match=r'mask file .*masks/a\.png is not a readable'):
+    loaders.load_folder(str(images), str(masks), num_classes=2, mask_mode='binary')

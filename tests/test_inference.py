@@ -8,11 +8,36 @@ import numpy as np
 import pytest
 from scipy import signal
 
-from unet_jax import inference
+from unet_jax.inference import tiled
 from unet_jax import sharding
-from unet_jax import tiling
-from unet_jax import transforms as T
-from unet_jax.models import UNet, output_size, valid_input_sizes
+from unet_jax.inference import tiling
+from unet_jax.models import UNet
+from unet_jax.models import whole_image
+
+
+# The size arithmetic of a plain U-Net, through the models' size contract.
+def output_size(size, *, depth, padding):
+  return UNet(depth=depth, padding=padding).output_size(size)
+
+
+def valid_input_size(min_output, *, depth, padding):
+  return UNet(depth=depth, padding=padding).valid_input_size(min_output)
+
+
+def valid_input_sizes(*, depth, count=5, start=1):
+  return UNet(depth=depth, padding='VALID').valid_input_sizes(count, start)
+
+
+def model_padding(shape, *, depth, padding):
+  return whole_image.model_padding(UNet(depth=depth, padding=padding), shape)
+
+
+def predict_logits(apply, images, *, depth, padding):
+  """One pass over whole mirror-padded images, cut back to them (as evaluation runs)."""
+  spatial = images.shape[1:-1]
+  pads = model_padding(spatial, depth=depth, padding=padding)
+  padded = whole_image.mirror_pad(np.asarray(images), [(0, 0), *pads, (0, 0)])
+  return whole_image.crop_to(apply(jnp.asarray(padded)), spatial)
 
 
 def _random_variables(model, input_shape, seed=0):
@@ -33,7 +58,7 @@ def _random_variables(model, input_shape, seed=0):
 @pytest.mark.parametrize('padding,depth', [('VALID', 2), ('VALID', 1), ('SAME', 2)])
 def test_model_padding_makes_a_runnable_input_covering_the_image(padding, depth):
   for size in (5, 17, 40, 64):
-    (before, after), = inference.model_padding((size,), depth=depth, padding=padding)
+    (before, after), = model_padding((size,), depth=depth, padding=padding)
     padded = size + before + after
     assert output_size(padded, depth=depth, padding=padding) >= size
     if padding == 'VALID':
@@ -48,10 +73,10 @@ def test_valid_net_output_lines_up_with_the_image():
   image = np.random.default_rng(0).normal(size=(1, 30, 26, 1)).astype(np.float32)
   variables = _random_variables(model, (1, 44, 44, 1))
   apply = functools.partial(jax.jit(model.apply), variables)
-  full = np.asarray(inference.predict_logits(apply, image, depth=2, padding='VALID'))
+  full = np.asarray(predict_logits(apply, image, depth=2, padding='VALID'))
   assert full.shape == (1, 30, 26, 2)
-  pads = inference.model_padding((30, 26), depth=2, padding='VALID')
-  padded = T.mirror_pad(image, [(0, 0), *pads, (0, 0)])
+  pads = model_padding((30, 26), depth=2, padding='VALID')
+  padded = whole_image.mirror_pad(image, [(0, 0), *pads, (0, 0)])
   size = valid_input_sizes(depth=2, count=1)[0]
   out = output_size(size, depth=2, padding='VALID')
   border = (size - out) // 2
@@ -74,9 +99,9 @@ def test_same_net_prediction_equals_a_plain_forward_pass():
   image = np.random.default_rng(1).normal(size=(2, 32, 24, 1)).astype(np.float32)
   variables = _random_variables(model, image.shape)
   apply = functools.partial(jax.jit(model.apply), variables)
-  np.testing.assert_allclose(inference.predict_logits(apply, image, depth=2, padding='SAME'),
+  np.testing.assert_allclose(predict_logits(apply, image, depth=2, padding='SAME'),
                              apply(jnp.asarray(image)), rtol=1e-6)
-  probs = inference.probabilities(apply(jnp.asarray(image)))
+  probs = whole_image.head_probabilities(apply(jnp.asarray(image)))
   np.testing.assert_allclose(np.asarray(probs).sum(-1), 1.0, rtol=1e-5)
 
 
@@ -105,7 +130,7 @@ SAME_IDENTITY = tiling.TileGeometry(output_size=lambda s: s, valid_input_size=la
 ])
 def test_same_tiles_stitch_to_the_whole_image_function(shape, tile, overlap, blend):
   image = np.random.default_rng(0).normal(size=(*shape, 1)).astype(np.float32)
-  predictor = inference.TiledPredictor(_pixelwise, {}, geometry=SAME_IDENTITY, tile_size=tile,
+  predictor = tiled.TiledPredictor(_pixelwise, {}, geometry=SAME_IDENTITY, tile_size=tile,
                                        batch_size=3, overlap=overlap, blend=blend)
   assert len(predictor.plan(shape)) > 1 or max(shape) <= tile
   probs = predictor(image)
@@ -122,40 +147,39 @@ def _valid_unet(depth=2):
 def test_valid_tiles_match_one_pass_over_the_mirror_padded_image(shape, tile):
   model, variables = _valid_unet()
   image = np.random.default_rng(1).normal(size=(*shape, 1)).astype(np.float32)
-  predictor = inference.TiledPredictor.for_model(model, variables, tile_size=tile, batch_size=4)
+  predictor = tiled.TiledPredictor.for_model(model, variables, tile_size=tile, batch_size=4)
   assert len(predictor.plan(shape)) > 1 or max(shape) < 8
   probs = predictor(image)
   # Reference: one forward pass over the whole image, reflected (periodically) at the borders.
-  pads = inference.model_padding(shape, depth=2, padding='VALID')
+  pads = model_padding(shape, depth=2, padding='VALID')
   padded = np.pad(image, [*pads, (0, 0)], mode='reflect')
   logits = np.asarray(jax.jit(model.apply)(variables, jnp.asarray(padded[None])))[0]
   reference = _softmax(logits[:shape[0], :shape[1]])
   np.testing.assert_allclose(probs, reference, rtol=1e-5, atol=1e-6)
-  if min(shape) > max(max(p) for p in pads):  # the training evaluation's padding agrees
-    whole = inference.predict_logits(functools.partial(jax.jit(model.apply), variables),
-                                     image[None], depth=2,
-                                     padding='VALID')
-    np.testing.assert_allclose(probs, inference.probabilities(whole)[0], rtol=1e-5, atol=1e-6)
+  # Evaluation's one mirror-padded pass agrees, also for images smaller than the border.
+  whole = predict_logits(functools.partial(jax.jit(model.apply), variables), image[None],
+                         depth=2, padding='VALID')
+  np.testing.assert_allclose(probs, whole_image.head_probabilities(whole)[0], rtol=1e-5, atol=1e-6)
 
 
 def test_an_image_of_one_tile_equals_a_plain_forward_pass():
   model = UNet(num_classes=3, width=2, depth=2, padding='SAME', norm='batch')
   image = np.random.default_rng(2).normal(size=(16, 24, 1)).astype(np.float32)
   variables = _random_variables(model, (1, 16, 24, 1))
-  predictor = inference.TiledPredictor.for_model(model, variables, tile_size=(16, 24))
+  predictor = tiled.TiledPredictor.for_model(model, variables, tile_size=(16, 24))
   assert len(predictor.plan((16, 24))) == 1
   plain = jax.jit(model.apply)(variables, jnp.asarray(image[None]))
-  np.testing.assert_allclose(predictor(image), inference.probabilities(plain)[0], rtol=1e-6,
+  np.testing.assert_allclose(predictor(image), whole_image.head_probabilities(plain)[0], rtol=1e-6,
                              atol=1e-7)
-  np.testing.assert_allclose(predictor.predict_tiles(image[None]), inference.probabilities(plain),
+  np.testing.assert_allclose(predictor.predict_tiles(image[None]), whole_image.head_probabilities(plain),
                              rtol=1e-6, atol=1e-7)
   model, variables = _valid_unet()
   image = image[:, :20, :1][:20]  # the output size of a 60-pixel tile
-  predictor = inference.TiledPredictor.for_model(model, variables, tile_size=60)
+  predictor = tiled.TiledPredictor.for_model(model, variables, tile_size=60)
   assert len(predictor.plan((16, 20))) == 1
   padded = np.pad(image, [(20, 24), (20, 20), (0, 0)], mode='reflect')
   plain = jax.jit(model.apply)(variables, jnp.asarray(padded[None]))[0, :16]
-  np.testing.assert_allclose(predictor(image), inference.probabilities(plain), rtol=1e-6,
+  np.testing.assert_allclose(predictor(image), whole_image.head_probabilities(plain), rtol=1e-6,
                              atol=1e-7)
 
 
@@ -164,9 +188,9 @@ def test_valid_volume_matches_one_pass():
   variables = _random_variables(model, (1, 20, 20, 20, 1), seed=1)
   shape = (11, 9, 6)
   image = np.random.default_rng(3).normal(size=(*shape, 1)).astype(np.float32)
-  predictor = inference.TiledPredictor.for_model(model, variables, tile_size=20, batch_size=4)
+  predictor = tiled.TiledPredictor.for_model(model, variables, tile_size=20, batch_size=4)
   assert len(predictor.plan(shape)) > 1
-  pads = inference.model_padding(shape, depth=1, padding='VALID')
+  pads = model_padding(shape, depth=1, padding='VALID')
   padded = np.pad(image, [*pads, (0, 0)], mode='reflect')
   logits = np.asarray(jax.jit(model.apply)(variables, jnp.asarray(padded[None])))[0]
   np.testing.assert_allclose(predictor(image), _softmax(logits[:11, :9, :6]), rtol=1e-5,
@@ -194,7 +218,7 @@ def _too_small(size):
 @pytest.mark.parametrize('mode', ['none', 'flips', 'dihedral'])
 def test_tta_averages_the_inverse_transformed_predictions(mode):
   image = np.random.default_rng(4).normal(size=(13, 18, 1)).astype(np.float32)
-  predictor = inference.TiledPredictor(_valid_conv, {'kernel': jnp.asarray(KERNEL)},
+  predictor = tiled.TiledPredictor(_valid_conv, {'kernel': jnp.asarray(KERNEL)},
                                        geometry=CONV_GEOMETRY, tile_size=8, batch_size=5)
   probs = predictor(image, tta=mode)
   # Predicting the transformed image and transforming back is correlating with the transformed
@@ -212,14 +236,14 @@ def test_tta_averages_the_inverse_transformed_predictions(mode):
 
 def test_tta_with_an_equivariant_model_is_exact():
   image = np.random.default_rng(5).normal(size=(10, 23, 7, 1)).astype(np.float32)
-  predictor = inference.TiledPredictor(_pixelwise, {}, geometry=SAME_IDENTITY, tile_size=8)
+  predictor = tiled.TiledPredictor(_pixelwise, {}, geometry=SAME_IDENTITY, tile_size=8)
   expected = _softmax(np.asarray(_pixelwise(None, image)))
   for mode in ('flips', 'dihedral'):
     np.testing.assert_allclose(predictor(image, tta=mode), expected, atol=1e-6)
   symmetric = (KERNEL + KERNEL[::-1] + KERNEL[:, ::-1] + KERNEL[::-1, ::-1]) / 4
   symmetric = (symmetric + symmetric.T) / 2  # invariant under all 8 flips and rotations
   image = image[:, :, 0]
-  predictor = inference.TiledPredictor(_valid_conv, {'kernel': jnp.asarray(symmetric)},
+  predictor = tiled.TiledPredictor(_valid_conv, {'kernel': jnp.asarray(symmetric)},
                                        geometry=CONV_GEOMETRY, tile_size=9)
   np.testing.assert_allclose(predictor(image, tta='dihedral'), predictor(image), atol=1e-6)
 
@@ -227,14 +251,14 @@ def test_tta_with_an_equivariant_model_is_exact():
 def test_transforms_invert_and_are_distinct():
   x = np.random.default_rng(6).normal(size=(3, 4, 2))
   for mode, count in [('none', 1), ('flips', 4), ('dihedral', 8)]:
-    transforms = inference.tta_transforms(mode, rank=2)
+    transforms = tiled.tta_transforms(mode, rank=2)
     assert len(transforms) == count
     outputs = {t.forward(x, 2).tobytes() + bytes(t.forward(x, 2).shape) for t in transforms}
     assert len(outputs) == count
     for t in transforms:
       np.testing.assert_array_equal(t.inverse(t.forward(x, 2), 2), x)
   with pytest.raises(ValueError, match='dihedral'):
-    inference.tta_transforms('rot90', rank=2)
+    tiled.tta_transforms('rot90', rank=2)
 
 
 def test_one_and_eight_devices_agree():
@@ -244,7 +268,7 @@ def test_one_and_eight_devices_agree():
   image = np.random.default_rng(7).normal(size=(40, 36, 1)).astype(np.float32)
   results = []
   for devices in (1, 8):
-    predictor = inference.TiledPredictor.for_model(model, variables, tile_size=16, batch_size=5,
+    predictor = tiled.TiledPredictor.for_model(model, variables, tile_size=16, batch_size=5,
                                                    overlap=0.5, mesh=sharding.make_mesh(devices))
     assert predictor.batch_size == (5 if devices == 1 else 8)
     results.append(predictor(image, tta='flips'))
@@ -253,14 +277,14 @@ def test_one_and_eight_devices_agree():
 
 def test_predictor_errors_are_clear():
   with pytest.raises(ValueError, match='valid .*sizes'):
-    inference.TiledPredictor.for_model(UNet(depth=2, padding='VALID'), {}, tile_size=50)
+    tiled.TiledPredictor.for_model(UNet(depth=2, padding='VALID'), {}, tile_size=50)
   with pytest.raises(ValueError, match='gaussian'):
-    inference.TiledPredictor(_pixelwise, {}, geometry=SAME_IDENTITY, tile_size=8, blend='box')
-  predictor = inference.TiledPredictor(_pixelwise, {}, geometry=SAME_IDENTITY, tile_size=(8, 8))
+    tiled.TiledPredictor(_pixelwise, {}, geometry=SAME_IDENTITY, tile_size=8, blend='box')
+  predictor = tiled.TiledPredictor(_pixelwise, {}, geometry=SAME_IDENTITY, tile_size=(8, 8))
   with pytest.raises(ValueError, match='spatial dims'):
     predictor(np.zeros((8, 8, 8, 1), np.float32))
   with pytest.raises(ValueError, match='one batch of 8'):
     predictor.predict_tiles(np.zeros((9, 8, 8, 1), np.float32))
   wrong = tiling.TileGeometry(lambda s: s - 2, lambda o: o + 2, 1)  # does not describe the model
   with pytest.raises(ValueError, match='geometry'):
-    inference.TiledPredictor(_pixelwise, {}, geometry=wrong, tile_size=8)(np.zeros((9, 9, 1)))
+    tiled.TiledPredictor(_pixelwise, {}, geometry=wrong, tile_size=8)(np.zeros((9, 9, 1)))

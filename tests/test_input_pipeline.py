@@ -8,8 +8,12 @@ import pytest
 import tifffile
 
 from experiments import isbi
-from unet_jax import input_pipeline
-from unet_jax import transforms as T
+from unet_jax.datasets import pipeline
+from unet_jax.augment import transforms as T
+from unet_jax.datasets import loaders
+from unet_jax.datasets import sources
+from unet_jax.datasets import dataset as dataset_lib
+from unet_jax.augment import geometric as G
 
 
 def _data_config(**overrides):
@@ -24,7 +28,7 @@ def _derived_dataset(n=6, size=40, seed=0):
   rng = np.random.default_rng(seed)
   images = rng.integers(0, 256, (n, size, size, 1), dtype=np.uint8)
   labels = (images[..., 0] > 127).astype(np.uint8)
-  return input_pipeline.Dataset(images, labels)
+  return dataset_lib.Dataset(images, labels)
 
 
 def _unnormalize(image, config):
@@ -34,7 +38,7 @@ def _unnormalize(image, config):
 @pytest.mark.parametrize('border', [0, 6])
 def test_train_batches_shapes_dtypes_and_image_label_alignment(border):
   config = _data_config(crop_size=24)
-  it = input_pipeline.train_iterator(_derived_dataset(), config, batch_size=3, border=border,
+  it = pipeline.train_iterator(_derived_dataset(), config, batch_size=3, border=border,
                                      seed=1)
   for _ in range(5):
     batch = next(it)
@@ -47,7 +51,7 @@ def test_train_batches_shapes_dtypes_and_image_label_alignment(border):
 def test_crops_come_from_the_image_and_augmentations_vary():
   data = _derived_dataset(n=1, size=32)
   config = _data_config(crop_size=32)
-  it = input_pipeline.train_iterator(data, config, batch_size=1, border=0, seed=3)
+  it = pipeline.train_iterator(data, config, batch_size=1, border=0, seed=3)
   seen = set()
   original = data.images[0, ..., 0].astype(np.int64)
   variants = {np.rot90(np.flip(original, a) if a is not None else original, k).tobytes()
@@ -65,7 +69,7 @@ def test_flip_and_rotation_apply_same_geometry_to_all_keys():
   example = {'image': image, 'label': image[..., 0].copy(), 'weight': image[..., 1] * 0.5,
              'id': 'keep'}
   for seed in range(8):
-    for op in (T.RandomFlip(), T.RandomRot90(), T.RandomCrop((3, 4))):
+    for op in (G.RandomFlip(), G.RandomRot90(), T.RandomCrop((3, 4))):
       out = op.random_map(example, np.random.default_rng(seed))
       np.testing.assert_array_equal(out['label'], out['image'][..., 0])
       np.testing.assert_array_equal(out['weight'], out['image'][..., 1] * 0.5)
@@ -82,12 +86,12 @@ def test_mirror_pad_reflects_like_numpy():
 def test_non_square_rotation_keeps_shape():
   example = {'image': np.zeros((4, 6, 1)), 'label': np.zeros((4, 6), np.int32)}
   for seed in range(10):
-    assert T.RandomRot90().random_map(example, np.random.default_rng(seed))['label'].shape == (4, 6)
+    assert G.RandomRot90().random_map(example, np.random.default_rng(seed))['label'].shape == (4, 6)
 
 
 def test_same_seed_same_batches_and_resume_from_iterator_state():
   data, config = _derived_dataset(), _data_config(crop_size=16)
-  make = lambda: input_pipeline.train_iterator(data, config, batch_size=2, border=0, seed=7)
+  make = lambda: pipeline.train_iterator(data, config, batch_size=2, border=0, seed=7)
   a, b = make(), make()
   first = [next(a) for _ in range(6)]
   for x in first:
@@ -99,17 +103,17 @@ def test_same_seed_same_batches_and_resume_from_iterator_state():
   d.set_state(state)
   for x in first[3:]:
     np.testing.assert_array_equal(x['image'], next(d)['image'])
-  other = input_pipeline.train_iterator(data, config, batch_size=2, border=0, seed=8)
+  other = pipeline.train_iterator(data, config, batch_size=2, border=0, seed=8)
   assert not np.array_equal(next(other)['image'], first[0]['image'])
 
 
 def test_process_slices_make_up_the_single_process_global_batch():
   n = 7
   images = np.arange(n, dtype=np.uint8)[:, None, None, None] * np.ones((1, 8, 8, 1), np.uint8)
-  data = input_pipeline.Dataset(images, np.zeros((n, 8, 8), np.uint8))
+  data = dataset_lib.Dataset(images, np.zeros((n, 8, 8), np.uint8))
   config = _data_config(crop_size=8, augment='brightness(p=0.5, delta=0.3)')
-  whole = input_pipeline.train_iterator(data, config, batch_size=6, border=0, seed=0)
-  parts = [input_pipeline.train_iterator(data, config, batch_size=2, border=0, seed=0,
+  whole = pipeline.train_iterator(data, config, batch_size=6, border=0, seed=0)
+  parts = [pipeline.train_iterator(data, config, batch_size=2, border=0, seed=0,
                                          process_index=p, process_count=3) for p in range(3)]
   seen = set()
   for _ in range(5):
@@ -123,7 +127,7 @@ def test_process_slices_make_up_the_single_process_global_batch():
 
 def test_eval_batches_pad_with_ignore_label_and_shard():
   data = _derived_dataset(n=5, size=16)
-  batches = [list(input_pipeline.eval_batches(data, batch_size=2, pads=[(2, 2), (1, 3)], mean=0.5,
+  batches = [list(pipeline.eval_batches(data, batch_size=2, pads=[(2, 2), (1, 3)], mean=0.5,
                                               std=0.2, process_index=p, process_count=2))
              for p in range(2)]
   assert len(batches[0]) == len(batches[1]) == 2  # equal counts across processes
@@ -131,33 +135,33 @@ def test_eval_batches_pad_with_ignore_label_and_shard():
   assert first['image'].shape == (2, 20, 20, 1) and first['label'].shape == (2, 16, 16)
   np.testing.assert_array_equal(first['label'][0], data.labels[0])
   np.testing.assert_array_equal(first['label'][1], data.labels[2])
-  assert (batches[1][1]['label'] == input_pipeline.IGNORE_LABEL).all()  # 5 examples, 6 slots
+  assert (batches[1][1]['label'] == dataset_lib.IGNORE_LABEL).all()  # 5 examples, 6 slots
   labels = [b['label'] for proc in batches for b in proc]
-  assert sum((l != input_pipeline.IGNORE_LABEL).all(axis=(1, 2)).sum() for l in labels) == 5
+  assert sum((l != dataset_lib.IGNORE_LABEL).all(axis=(1, 2)).sum() for l in labels) == 5
 
 
 def test_split_holds_out_the_configured_indices():
   data = _derived_dataset(n=6)
-  train, val = input_pipeline.split(data, (4, 5))
+  train, val = dataset_lib.split(data, (4, 5))
   assert len(train) == 4 and len(val) == 2
   np.testing.assert_array_equal(val.images, data.images[4:])
   for bad in [(), (6,), (-1,), tuple(range(6))]:
     with pytest.raises(ValueError, match='val_indices'):
-      input_pipeline.split(data, bad)
+      dataset_lib.split(data, bad)
 
 
 def test_procedural_source_maps_membrane_to_class_one():
   config = _data_config(source='procedural')
   config.procedural.num_images = 2
   config.procedural.size = 64
-  data = input_pipeline.load_dataset(config)
+  data = sources.load_dataset(config)
   assert data.images.shape == (2, 64, 64, 1) and data.images.dtype == np.uint8
   assert set(np.unique(data.labels)) == {0, 1}
   assert 0.05 < data.labels.mean() < 0.4  # membrane (class 1) is the minority
 
 
 def test_real_isbi_stacks_load_with_the_documented_polarity(isbi_dir):
-  data = input_pipeline.load_isbi(isbi_dir)
+  data = loaders.load_isbi(isbi_dir)
   assert data.images.shape == (30, 512, 512, 1) and data.labels.shape == (30, 512, 512)
   assert abs(data.labels.mean() - 0.2196) < 0.001  # 21.96 % membrane per the data README
   membrane = data.images[..., 0][data.labels == 1].mean()
@@ -173,29 +177,29 @@ def _write_pair(directory, images, labels):
 
 def test_missing_and_mismatched_files_give_clear_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match='config.data.directory'):
-    input_pipeline.load_isbi(str(tmp_path / 'nowhere'))
+    loaders.load_isbi(str(tmp_path / 'nowhere'))
   with pytest.raises(FileNotFoundError, match='train-volume.tif does not exist'):
-    input_pipeline.load_isbi(str(tmp_path))
+    loaders.load_isbi(str(tmp_path))
   images = np.zeros((3, 16, 16), np.uint8)
   _write_pair(tmp_path / 'shape', images, np.zeros((3, 16, 12), np.uint8))
   with pytest.raises(ValueError, match=r'train-labels.tif has shape \(3, 16, 12\)'):
-    input_pipeline.load_isbi(str(tmp_path / 'shape'))
+    loaders.load_isbi(str(tmp_path / 'shape'))
   _write_pair(tmp_path / 'values', images, np.full((3, 16, 16), 7, np.uint8))
   with pytest.raises(ValueError, match=r'train-labels.tif has values \[7\]'):
-    input_pipeline.load_isbi(str(tmp_path / 'values'))
+    loaders.load_isbi(str(tmp_path / 'values'))
   _write_pair(tmp_path / 'dtype', images.astype(np.float32), np.zeros((3, 16, 16), np.uint8))
   with pytest.raises(ValueError, match='train-volume.tif has dtype float32; expected uint8'):
-    input_pipeline.load_isbi(str(tmp_path / 'dtype'))
+    loaders.load_isbi(str(tmp_path / 'dtype'))
   os.makedirs(tmp_path / 'corrupt')
   (tmp_path / 'corrupt' / 'train-volume.tif').write_bytes(b'II*\x00garbage')
   tifffile.imwrite(tmp_path / 'corrupt' / 'train-labels.tif', np.zeros((3, 16, 16), np.uint8),
                    photometric='minisblack')
   with pytest.raises(ValueError, match='train-volume.tif is (empty or )?not a readable TIFF'):
-    input_pipeline.load_isbi(str(tmp_path / 'corrupt'))
+    loaders.load_isbi(str(tmp_path / 'corrupt'))
 
 
 def test_crop_larger_than_image_is_a_clear_error():
-  it = input_pipeline.train_iterator(_derived_dataset(size=16), _data_config(crop_size=32),
+  it = pipeline.train_iterator(_derived_dataset(size=16), _data_config(crop_size=32),
                                      batch_size=1, border=0, seed=0)
   with pytest.raises(ValueError, match='crop size'):
     next(it)
@@ -203,7 +207,7 @@ def test_crop_larger_than_image_is_a_clear_error():
 
 def test_unknown_source_is_rejected():
   with pytest.raises(ValueError, match="config.data.source='tiff' is not one of"):
-    input_pipeline.load_dataset(ml_collections.ConfigDict(dict(source='tiff')))
+    sources.load_dataset(ml_collections.ConfigDict(dict(source='tiff')))
 
 
 def test_weight_maps_are_cached_and_travel_with_the_geometry():
@@ -212,11 +216,11 @@ def test_weight_maps_are_cached_and_travel_with_the_geometry():
   config.procedural.num_images = 2
   config.procedural.size = 64
   config.weight_map.enabled = True
-  data = input_pipeline.load_dataset(config)
+  data = sources.load_dataset(config)
   assert data.weights.shape == data.labels.shape and data.weights.dtype == np.float32
   # Membrane pixels between cells carry the large border weights, cell pixels only w_c.
   assert data.weights[data.labels == 1].max() > 5 * data.weights[data.labels == 0].max()
-  it = input_pipeline.train_iterator(data, config, batch_size=2, border=0, seed=0)
+  it = pipeline.train_iterator(data, config, batch_size=2, border=0, seed=0)
   for _ in range(3):
     batch = next(it)
     assert batch['weight'].shape == batch['label'].shape == (2, 48, 48)
@@ -231,13 +235,13 @@ def test_weight_maps_are_cached_and_travel_with_the_geometry():
 def test_augment_spec_typo_names_the_op():
   config = _data_config(crop_size=16, augment='flip|elastc(p=0.5)')
   with pytest.raises(ValueError, match="elastc"):
-    input_pipeline.train_iterator(_derived_dataset(), config, batch_size=1, border=0, seed=0)
+    pipeline.train_iterator(_derived_dataset(), config, batch_size=1, border=0, seed=0)
 
 
 def test_folder_source_trains_on_the_real_nuclei_sample(tmp_path, nuclei_dir):
   import shutil  # pylint: disable=g-import-not-at-top
   from experiments import quickstart  # pylint: disable=g-import-not-at-top
-  from unet_jax import train  # pylint: disable=g-import-not-at-top
+  from unet_jax.training import loop  # pylint: disable=g-import-not-at-top
   for folder in ('images', 'masks'):
     os.makedirs(tmp_path / folder)
   for i in range(2):  # two copies so there is something to hold out
@@ -253,7 +257,7 @@ def test_folder_source_trains_on_the_real_nuclei_sample(tmp_path, nuclei_dir):
   config.checkpoint.best_metric = 'dice_nucleus'
   config.eval.isbi_metrics = False
   config.eval_batch_size = 8
-  data = input_pipeline.load_dataset(config.data)
+  data = sources.load_dataset(config.data)
   assert data.images.shape == (2, 512, 512, 1) and abs(data.labels.mean() - 0.199) < 0.001
-  scores = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  scores = loop.train_and_evaluate(config, str(tmp_path / 'run'))
   assert 0 <= scores['dice_nucleus'] <= 1 and 'dice_background' in scores

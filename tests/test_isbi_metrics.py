@@ -10,7 +10,7 @@ from scipy import ndimage
 import skimage.metrics
 import tifffile
 
-from unet_jax import isbi_metrics
+from unet_jax.evaluation import isbi_metrics
 
 CROSS = ndimage.generate_binary_structure(2, 1)
 SQUARE = ndimage.generate_binary_structure(2, 2)

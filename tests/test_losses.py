@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import scipy.special
 
-from unet_jax import losses
+from unet_jax.training import losses
 
 RTOL = 1e-5
 ATOL = 1e-5

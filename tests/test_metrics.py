@@ -12,8 +12,8 @@ import pytest
 from scipy import ndimage
 import skimage.metrics
 
-from unet_jax import distance_metrics
-from unet_jax import metrics
+from unet_jax.evaluation import distance_metrics
+from unet_jax.evaluation import metrics
 
 # Eager dispatch compiles every primitive per new shape, which is slow on CPU.
 _confusion = jax.jit(metrics.confusion_matrix, static_argnames=('num_classes',))

@@ -9,9 +9,9 @@ import pytest
 from PIL import Image
 
 from experiments import quickstart
-from unet_jax import plots
+from unet_jax.training import plots
 from unet_jax import runs
-from unet_jax import train
+from unet_jax.training import loop
 from unet_jax import visualize
 
 
@@ -83,7 +83,7 @@ def test_plot_curves_names_the_file_when_it_lacks_the_loss(tmp_path):
 
 def test_training_writes_viewable_plots_in_the_palette(tmp_path):
   config = quickstart.get_config('smoke')
-  train.train_and_evaluate(config, str(tmp_path))
+  loop.train_and_evaluate(config, str(tmp_path))
   plot_dir = tmp_path / 'plots'
   assert sorted(os.listdir(plot_dir)) == ['loss.png', 'metrics.png', 'predictions.png']
   _open_png(plot_dir / 'loss.png')

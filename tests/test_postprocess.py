@@ -9,8 +9,8 @@ import tifffile
 from scipy import ndimage
 from skimage import measure
 
-from unet_jax import crf
-from unet_jax import postprocess
+from unet_jax.inference import crf
+from unet_jax.inference import postprocess
 
 
 def _blobs(shape, seed, density=0.45):

@@ -13,9 +13,9 @@ from PIL import Image
 
 from experiments import quickstart
 from unet_jax import checkpointing
-from unet_jax import export
-from unet_jax import predict
-from unet_jax import train
+from unet_jax.inference import export
+from unet_jax.inference import predict
+from unet_jax.training import loop
 from unet_jax.models import build_model
 
 
@@ -24,7 +24,7 @@ def trained(tmp_path_factory):
   """A 4-step smoke run (SAME U-Net, width 4, depth 2, batch norm, 32-pixel crops)."""
   config = quickstart.get_config('smoke')
   workdir = str(tmp_path_factory.mktemp('predict') / 'run')
-  train.train_and_evaluate(config, workdir)
+  loop.train_and_evaluate(config, workdir)
   return config, workdir
 
 
@@ -41,15 +41,15 @@ def _softmax(x):
 
 def test_restore_reads_the_checkpointed_parameters(trained):
   config, workdir = trained
-  restored = predict.restore(config, workdir, checkpoint='latest')
+  restored = checkpointing.restore_for_inference(config, workdir, checkpoint='latest')
   assert (restored.step, restored.spatial_rank, restored.input_channels) == (4, 2, 1)
   raw = ocp.StandardCheckpointer().restore(os.path.join(workdir, 'checkpoints', '4', 'state'))
   pairs = zip(jax.tree.leaves(restored.variables['params']), jax.tree.leaves(raw['params']))
   for got, want in pairs:
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-  assert predict.restore(config, workdir, checkpoint='best').step in (2, 4)
+  assert checkpointing.restore_for_inference(config, workdir, checkpoint='best').step in (2, 4)
   with pytest.raises(ValueError, match="'best', 'latest'"):
-    predict.restore(config, workdir, checkpoint='first')
+    checkpointing.restore_for_inference(config, workdir, checkpoint='first')
 
 
 def test_png_image(trained, tmp_path):
@@ -67,7 +67,7 @@ def test_png_image(trained, tmp_path):
   assert overlay.shape == (32, 32, 3)
   np.testing.assert_array_equal(mask, probs.argmax(-1))
   # One 32-pixel tile: the driver's output is the model applied to the normalised image.
-  restored = predict.restore(config, workdir, checkpoint='latest')
+  restored = checkpointing.restore_for_inference(config, workdir, checkpoint='latest')
   x = (image.astype(np.float32) / 255 - config.data.mean) / config.data.std
   logits = restored.model.apply(restored.variables, x[None, :, :, None], train=False)
   np.testing.assert_allclose(probs, _softmax(np.asarray(logits)[0]), rtol=1e-5, atol=1e-6)
@@ -141,7 +141,7 @@ def test_export_from_the_checkpoint(trained, tmp_path):
   assert signature['input']['shape'] == ['b', 48, 48, 1]
   assert signature['metadata']['mean'] == config.data.mean
   assert signature['metadata']['tile_shape'] == signature['metadata']['output_shape'] == [48, 48]
-  restored = predict.restore(config, workdir, checkpoint='latest')
+  restored = checkpointing.restore_for_inference(config, workdir, checkpoint='latest')
   x = np.random.default_rng(6).normal(size=(2, 48, 48, 1)).astype(np.float32)
   logits = restored.model.apply(restored.variables, x, train=False)
   np.testing.assert_allclose(np.asarray(export.load(path).call(x)), _softmax(np.asarray(logits)),

@@ -9,8 +9,8 @@ import pytest
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from unet_jax import procedural
-from unet_jax.procedural import describe, make_em_like
+from unet_jax.datasets import procedural
+from unet_jax.datasets.procedural import describe, make_em_like
 
 SIZE = 160
 

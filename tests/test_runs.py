@@ -120,8 +120,8 @@ def test_launcher_trains_with_overrides_then_evaluates_a_checkpoint(tmp_path):
 
 def test_evaluate_checkpoint_on_other_splits_and_errors(tmp_path):
   config = quickstart.get_config('smoke')
-  from unet_jax import train  # pylint: disable=g-import-not-at-top
-  train.train_and_evaluate(config, str(tmp_path))
+  from unet_jax.training import loop  # pylint: disable=g-import-not-at-top
+  loop.train_and_evaluate(config, str(tmp_path))
   all_scores = runs.evaluate_checkpoint(config, str(tmp_path), split='all', checkpoint='best')
   assert 0 <= all_scores['pixel_error'] <= 1
   assert (tmp_path / 'eval_all_step4.json').exists() or (tmp_path / 'eval_all_step2.json').exists()

@@ -11,9 +11,9 @@ import numpy as np
 
 from experiments import quickstart
 from unet_jax import checkpointing
-from unet_jax import metric_writers
+from unet_jax.training import metric_writers
 from unet_jax import sharding
-from unet_jax import train
+from unet_jax.training import train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,9 +26,9 @@ def _config(data, fsdp=1):
 
 
 def _trained_state(config):
-  setup = train.build(config, input_channels=1, spatial_rank=2)
+  setup = train_step.build(config, input_channels=1, spatial_rank=2)
   state = jax.jit(setup.init_fn, out_shardings=setup.state_sharding)(jax.random.key(0))
-  step = train.make_step_fn(config, setup)
+  step = train_step.make_step_fn(config, setup)
   rng = np.random.default_rng(0)
   image = rng.normal(size=(8, 32, 32, 1)).astype(np.float32)
   batch = {'image': image, 'label': (image[..., 0] > 0).astype(np.int32)}
@@ -41,7 +41,7 @@ def _save_then_restore(tmp_path, save_config, restore_config):
   manager = checkpointing.make_manager(str(tmp_path), keep_best=0, best_metric='dice_membrane')
   checkpointing.save(manager, 1, state, {'iterator': {'next_index': 1}})
   checkpointing.wait(manager)
-  setup = train.build(restore_config, input_channels=1, spatial_rank=2)
+  setup = train_step.build(restore_config, input_channels=1, spatial_rank=2)
   restored, extra = checkpointing.restore(
       checkpointing.make_manager(str(tmp_path), keep_best=0, best_metric='dice_membrane'), 1,
       setup.abstract_state)

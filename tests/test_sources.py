@@ -14,8 +14,8 @@ import tensorflow_datasets as tfds
 import tifffile
 from PIL import Image
 
-from unet_jax import input_pipeline
-from unet_jax import sources
+from unet_jax.datasets import loaders
+from unet_jax.datasets import dataset as dataset_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -50,7 +50,7 @@ def _nuclei_folder(tmp_path, nuclei_dir, mask_name='img2d.tif'):
 
 def test_nuclei_sample_binary(tmp_path, nuclei_dir):
   images, masks = _nuclei_folder(tmp_path, nuclei_dir)
-  data = sources.load_folder(str(images), str(masks), num_classes=2, mask_mode='binary')
+  data = loaders.load_folder(str(images), str(masks), num_classes=2, mask_mode='binary')
   raw = tifffile.imread(os.path.join(nuclei_dir, 'img2d.tif'))
   mask = tifffile.imread(os.path.join(nuclei_dir, 'mask2d.tif'))
   assert data.images.shape == (1, 512, 512, 1) and data.images.dtype == np.uint8
@@ -67,14 +67,14 @@ def test_nuclei_sample_binary(tmp_path, nuclei_dir):
 
 def test_nuclei_sample_instances_with_mask_suffix(tmp_path, nuclei_dir):
   images, masks = _nuclei_folder(tmp_path, nuclei_dir, mask_name='img2d_mask.tif')
-  data, instances = sources.load_folder_with_instances(str(images), str(masks), num_classes=2,
+  data, instances = loaders.load_folder_with_instances(str(images), str(masks), num_classes=2,
                                                        mask_mode='instances')
   mask = tifffile.imread(os.path.join(nuclei_dir, 'mask2d.tif'))
   assert instances.shape == (1, 512, 512) and instances.dtype == np.int32
   np.testing.assert_array_equal(instances[0], mask.astype(np.int32))
   assert len(np.unique(instances)) - 1 == 125  # README: 125 distinct nuclei
   np.testing.assert_array_equal(data.labels, (instances > 0).astype(np.uint8))
-  assert sources.load_folder_with_instances(str(images), str(masks), num_classes=2,
+  assert loaders.load_folder_with_instances(str(images), str(masks), num_classes=2,
                                             mask_mode='binary')[1] is None
 
 
@@ -100,12 +100,12 @@ def test_rgb_classes_natural_order_mixed_formats_and_ignore_label(tmp_path):
       _png(masks / f'{stem}_mask.png', mask)
     expected[stem] = (image, np.where(mask == 7, 255, mask))
   (images / 'notes.txt').write_text('not an image')  # other files are ignored
-  data = sources.load_folder(str(images), str(masks), num_classes=3, ignore_label=7)
+  data = loaders.load_folder(str(images), str(masks), num_classes=3, ignore_label=7)
   assert data.images.shape == (3, 12, 16, 3)
   for i, stem in enumerate(['img_1', 'img_2', 'img_10']):
     np.testing.assert_array_equal(data.images[i], expected[stem][0])
     np.testing.assert_array_equal(data.labels[i], expected[stem][1])
-  assert (data.labels[:, 0, :4] == sources.IGNORE_CLASS).all()
+  assert (data.labels[:, 0, :4] == dataset_lib.IGNORE_CLASS).all()
 
 
 def test_16_bit_images_are_rescaled_by_global_percentiles(tmp_path):
@@ -115,7 +115,7 @@ def test_16_bit_images_are_rescaled_by_global_percentiles(tmp_path):
   for i, raw in enumerate(raws):
     _png(images / f'{i}.png', raw.astype(np.uint16))
     _png(masks / f'{i}.png', np.zeros((10, 10), np.uint8))
-  data = sources.load_folder(str(images), str(masks), num_classes=2, mask_mode='binary')
+  data = loaders.load_folder(str(images), str(masks), num_classes=2, mask_mode='binary')
   everything = np.stack(raws).astype(np.float64)
   lo, hi = np.percentile(everything, [0.5, 99.5])
   reference = np.round(np.clip((everything - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8)
@@ -134,7 +134,7 @@ def _pair(images, masks, stem='a', image=None, mask=None):
 
 def _load(images, masks, **kwargs):
   kwargs.setdefault('num_classes', 2)
-  return sources.load_folder(str(images), str(masks), **kwargs)
+  return loaders.load_folder(str(images), str(masks), **kwargs)
 
 
 def test_error_image_mask_shape_mismatch(tmp_path):
@@ -263,12 +263,12 @@ def tiny_tfds_dir(tmp_path_factory):
 
 def test_load_tfds_reads_array_record_without_tensorflow(tiny_tfds_dir):
   import sys  # pylint: disable=g-import-not-at-top
-  data = sources.load_tfds('tiny_segmentation', data_dir=tiny_tfds_dir, split='train',
+  data = loaders.load_tfds('tiny_segmentation', data_dir=tiny_tfds_dir, split='train',
                            label_key='mask', num_classes=3)
   images, labels = _tiny_examples()
   np.testing.assert_array_equal(data.images, images[..., None])
   np.testing.assert_array_equal(data.labels, labels)
-  part = sources.load_tfds('tiny_segmentation', data_dir=tiny_tfds_dir, split='train[3:]',
+  part = loaders.load_tfds('tiny_segmentation', data_dir=tiny_tfds_dir, split='train[3:]',
                            label_key='mask')
   np.testing.assert_array_equal(part.labels, labels[3:])
   assert 'tensorflow' not in sys.modules
@@ -276,33 +276,33 @@ def test_load_tfds_reads_array_record_without_tensorflow(tiny_tfds_dir):
 
 def test_load_tfds_errors(tiny_tfds_dir, tmp_path):
   with pytest.raises(KeyError, match=r"example 0 has no feature 'label'.*\['image', 'mask'\]"):
-    sources.load_tfds('tiny_segmentation', data_dir=tiny_tfds_dir, split='train')
+    loaders.load_tfds('tiny_segmentation', data_dir=tiny_tfds_dir, split='train')
   with pytest.raises(ValueError, match=r'example 0 label has values \[2\] outside'):
-    sources.load_tfds('tiny_segmentation', data_dir=tiny_tfds_dir, split='train',
+    loaders.load_tfds('tiny_segmentation', data_dir=tiny_tfds_dir, split='train',
                       label_key='mask', num_classes=2)
   with pytest.raises(FileNotFoundError, match=r"'absent_set'.*cannot be opened: there is no"):
-    sources.load_tfds('absent_set', data_dir=tiny_tfds_dir, split='train')
+    loaders.load_tfds('absent_set', data_dir=tiny_tfds_dir, split='train')
   with pytest.raises(ValueError, match=r"tfds_split.*Unknown split 'validation'"):
-    sources.load_tfds('tiny_segmentation', data_dir=tiny_tfds_dir, split='validation')
+    loaders.load_tfds('tiny_segmentation', data_dir=tiny_tfds_dir, split='validation')
   # A dataset prepared as TFRECORD (only its metadata says so here: writing TFRECORD needs
   # TensorFlow) cannot be read by random access.
   shutil.copytree(tiny_tfds_dir, tmp_path / 'tfrecord')
   info = tmp_path / 'tfrecord' / 'tiny_segmentation' / '1.0.0' / 'dataset_info.json'
   info.write_text(info.read_text().replace('"array_record"', '"tfrecord"'))
   with pytest.raises(ValueError, match="not stored as array_record.*file_format='array_record'"):
-    sources.load_tfds('tiny_segmentation', data_dir=str(tmp_path / 'tfrecord'), split='train')
+    loaders.load_tfds('tiny_segmentation', data_dir=str(tmp_path / 'tfrecord'), split='train')
   with pytest.raises(FileNotFoundError, match='tfds_data_dir='):
-    sources.load_tfds('tiny_segmentation', data_dir=str(tmp_path / 'nowhere'), split='train')
+    loaders.load_tfds('tiny_segmentation', data_dir=str(tmp_path / 'nowhere'), split='train')
 
 
 def test_tfds_isbi_builder_matches_the_tiff_loader(isbi_dir, tmp_path):
   path = tfds_isbi.build(isbi_dir, str(tmp_path))
   assert os.path.isdir(path)
-  reference = input_pipeline.load_isbi(isbi_dir)
-  data = sources.load_tfds('isbi2012', data_dir=str(tmp_path), split='train', num_classes=2)
+  reference = loaders.load_isbi(isbi_dir)
+  data = loaders.load_tfds('isbi2012', data_dir=str(tmp_path), split='train', num_classes=2)
   np.testing.assert_array_equal(data.images, reference.images)
   np.testing.assert_array_equal(data.labels, reference.labels)
-  val = sources.load_tfds('isbi2012', data_dir=str(tmp_path), split='train[25:]')
+  val = loaders.load_tfds('isbi2012', data_dir=str(tmp_path), split='train[25:]')
   np.testing.assert_array_equal(val.images, reference.images[25:])
   slices = [int(tfds.data_source('isbi2012', data_dir=str(tmp_path), split='train')[i]['slice'])
             for i in range(30)]
@@ -329,11 +329,11 @@ def _write_volumes(tmp_path, count=2, shape=(4, 12, 10)):
 
 def test_load_volumes(tmp_path):
   (image_paths, label_paths), (images, labels) = _write_volumes(tmp_path)
-  data = sources.load_volumes(image_paths, label_paths)
+  data = loaders.load_volumes(image_paths, label_paths)
   assert data.images.shape == (2, 4, 12, 10, 1) and data.labels.shape == (2, 4, 12, 10)
   np.testing.assert_array_equal(data.images[..., 0], np.stack(images))
   np.testing.assert_array_equal(data.labels, (np.stack(labels) == 0).astype(np.uint8))
-  as_classes = sources.load_volumes(image_paths, label_paths, label_mode='classes',
+  as_classes = loaders.load_volumes(image_paths, label_paths, label_mode='classes',
                                     num_classes=2, ignore_label=255)
   np.testing.assert_array_equal(as_classes.labels, np.where(np.stack(labels) == 255, 255, 0))
 
@@ -341,40 +341,40 @@ def test_load_volumes(tmp_path):
 def test_load_volumes_errors(tmp_path):
   (image_paths, label_paths), _ = _write_volumes(tmp_path)
   with pytest.raises(ValueError, match=r'label0\.tif has values \[255\] outside'):
-    sources.load_volumes(image_paths, label_paths, label_mode='classes', num_classes=2)
+    loaders.load_volumes(image_paths, label_paths, label_mode='classes', num_classes=2)
   flat = str(tmp_path / 'flat.tif')
   tifffile.imwrite(flat, np.zeros((12, 10), np.uint8))
   with pytest.raises(ValueError, match=r'flat\.tif has shape \(12, 10\); expected a multi-page'):
-    sources.load_volumes([flat], label_paths[:1])
+    loaders.load_volumes([flat], label_paths[:1])
   other = str(tmp_path / 'other.tif')
   tifffile.imwrite(other, np.zeros((3, 12, 10), np.uint8), photometric='minisblack')
   with pytest.raises(ValueError, match=r'other\.tif has shape \(3, 12, 10\) but .*image0\.tif'):
-    sources.load_volumes([image_paths[0], other], label_paths)
+    loaders.load_volumes([image_paths[0], other], label_paths)
   with pytest.raises(ValueError, match=r'label file .*label0\.tif has shape \(4, 12, 10\) but'):
-    sources.load_volumes([other], label_paths[:1])
+    loaders.load_volumes([other], label_paths[:1])
   with pytest.raises(ValueError, match='one label volume per image volume'):
-    sources.load_volumes(image_paths, label_paths[:1])
+    loaders.load_volumes(image_paths, label_paths[:1])
   with pytest.raises(ValueError, match=r"label_mode='instances' is not one of"):
-    sources.load_volumes(image_paths, label_paths, label_mode='instances')
+    loaders.load_volumes(image_paths, label_paths, label_mode='instances')
 
 
 def test_isbi_as_volume_and_z_split(isbi_dir):
-  volume = sources.isbi_as_volume(isbi_dir)
-  slices = input_pipeline.load_isbi(isbi_dir)
+  volume = loaders.isbi_as_volume(isbi_dir)
+  slices = loaders.load_isbi(isbi_dir)
   assert volume.images.shape == (1, 30, 512, 512, 1) and volume.labels.shape == (1, 30, 512, 512)
   np.testing.assert_array_equal(volume.images[0], slices.images)
   np.testing.assert_array_equal(volume.labels[0], slices.labels)
-  train, val = sources.split_volume_z(volume, (25, 26, 27, 28, 29))
+  train, val = dataset_lib.split_volume_z(volume, (25, 26, 27, 28, 29))
   assert train.images.shape == (1, 25, 512, 512, 1) and val.labels.shape == (1, 5, 512, 512)
   np.testing.assert_array_equal(train.labels[0], slices.labels[:25])
   np.testing.assert_array_equal(val.images[0], slices.images[25:])
-  train, val = sources.split_volume_z(volume, (2, 0, 1), gap=2)  # at the start, unordered
+  train, val = dataset_lib.split_volume_z(volume, (2, 0, 1), gap=2)  # at the start, unordered
   np.testing.assert_array_equal(train.images[0], slices.images[5:])
   np.testing.assert_array_equal(val.images[0], slices.images[:3])
   for bad in [(10, 11, 12), (25, 27, 28, 29), (), (28, 29, 30)]:
     with pytest.raises(ValueError, match='contiguous range of z slices at the start or the end'):
-      sources.split_volume_z(volume, bad)
+      dataset_lib.split_volume_z(volume, bad)
   with pytest.raises(ValueError, match='leaves no z slices'):
-    sources.split_volume_z(volume, range(0, 28), gap=2)
+    dataset_lib.split_volume_z(volume, range(0, 28), gap=2)
   with pytest.raises(ValueError, match=r'needs volumes \(N, D, H, W, C\)'):
-    sources.split_volume_z(slices, (25,))
+    dataset_lib.split_volume_z(slices, (25,))

@@ -10,14 +10,15 @@ import pytest
 
 from experiments import quickstart
 from unet_jax import checkpointing
-from unet_jax import distance_metrics
-from unet_jax import isbi_metrics
-from unet_jax import evaluation
-from unet_jax import input_pipeline
-from unet_jax import metric_writers
-from unet_jax import metrics as metrics_lib
+from unet_jax.evaluation import distance_metrics
+from unet_jax.evaluation import isbi_metrics
+from unet_jax.evaluation import evaluator
+from unet_jax.training import metric_writers
+from unet_jax.evaluation import metrics as metrics_lib
 from unet_jax import sharding
-from unet_jax import train
+from unet_jax.training import loop
+from unet_jax.training import train_step
+from unet_jax.datasets import dataset as dataset_lib
 
 
 def _smoke_config(**overrides):
@@ -28,9 +29,9 @@ def _smoke_config(**overrides):
 
 def _setup(config, devices):
   config.mesh.data = devices
-  setup = train.build(config, input_channels=1, spatial_rank=2)
+  setup = train_step.build(config, input_channels=1, spatial_rank=2)
   state = jax.jit(setup.init_fn, out_shardings=setup.state_sharding)(jax.random.key(0))
-  return setup, state, train.make_step_fn(config, setup)
+  return setup, state, train_step.make_step_fn(config, setup)
 
 
 def _batch(n=8, size=32, seed=0):
@@ -118,12 +119,12 @@ def test_eval_step_confusion_matches_numpy():
   config = _smoke_config()
   setup, state, _ = _setup(config, 8)
   model, mesh = setup.model, setup.mesh
-  data = input_pipeline.Dataset(
+  data = dataset_lib.Dataset(
       np.random.default_rng(0).integers(0, 256, (5, 32, 32, 1), dtype=np.uint8),
       np.random.default_rng(1).integers(0, 2, (5, 32, 32), dtype=np.uint8))
   config.eval_batch_size = 8
-  eval_fn = evaluation.make_eval_fn(model, mesh, 2)
-  scores = evaluation.evaluate(eval_fn, state, data, config, model, mesh)
+  eval_fn = evaluator.make_eval_fn(model, mesh, 2)
+  scores = evaluator.evaluate(eval_fn, state, data, config, model, mesh)
   images = (data.images / 255.0 - config.data.mean) / config.data.std
   logits = model.apply({'params': state.params, 'batch_stats': state.batch_stats},
                        jnp.asarray(images, jnp.float32))
@@ -135,8 +136,8 @@ def test_eval_step_confusion_matches_numpy():
   np.testing.assert_allclose(scores['pixel_accuracy'], np.mean(pred == data.labels), rtol=1e-9)
   # Host-side metrics see every example once, in full, whatever the sharding and padding.
   config.eval.hausdorff_classes = (1,)
-  extras = evaluation.extra_metrics(config)
-  scores = evaluation.evaluate(eval_fn, state, data, config, model, mesh, extra_metrics=extras)
+  extras = evaluator.extra_metrics(config)
+  scores = evaluator.evaluate(eval_fn, state, data, config, model, mesh, extra_metrics=extras)
   reference = isbi_metrics.ISBIAccumulator()
   reference.update(np.asarray(jax.nn.softmax(logits, -1))[..., 1], data.labels.astype(np.int64))
   for key, value in reference.result().items():
@@ -152,9 +153,9 @@ def test_run_resumes_exactly_where_it_stopped(tmp_path):
     c.optimizer.schedule = 'constant'  # a schedule that does not depend on num_steps
     return c
 
-  train.train_and_evaluate(config(4), str(tmp_path / 'reference'))
-  train.train_and_evaluate(config(2), str(tmp_path / 'resumed'))  # stops after step 2
-  scores = train.train_and_evaluate(config(4), str(tmp_path / 'resumed'))
+  loop.train_and_evaluate(config(4), str(tmp_path / 'reference'))
+  loop.train_and_evaluate(config(2), str(tmp_path / 'resumed'))  # stops after step 2
+  scores = loop.train_and_evaluate(config(4), str(tmp_path / 'resumed'))
   ref = json.load(open(tmp_path / 'reference' / 'final_metrics.json'))
   got = json.load(open(tmp_path / 'resumed' / 'final_metrics.json'))
   assert got['step'] == ref['step'] == 4
@@ -168,13 +169,13 @@ def test_run_resumes_exactly_where_it_stopped(tmp_path):
 
 def test_finished_run_reevaluates_instead_of_training(tmp_path):
   config = _smoke_config()
-  first = train.train_and_evaluate(config, str(tmp_path))
-  again = train.train_and_evaluate(_smoke_config(), str(tmp_path))
+  first = loop.train_and_evaluate(config, str(tmp_path))
+  again = loop.train_and_evaluate(_smoke_config(), str(tmp_path))
   assert again == first
 
 
 def test_outputs_written_to_workdir(tmp_path):
-  train.train_and_evaluate(_smoke_config(), str(tmp_path))
+  loop.train_and_evaluate(_smoke_config(), str(tmp_path))
   final = json.load(open(tmp_path / 'final_metrics.json'))
   assert final['step'] == 4 and 0 <= final['dice_membrane'] <= 1
   records = metric_writers.read_jsonl(str(tmp_path / 'metrics.jsonl'))
@@ -197,7 +198,7 @@ def test_bad_config_fails_before_compiling(tmp_path, field, value, message):
   config = _smoke_config()
   config[field] = value
   with pytest.raises(ValueError, match=message):
-    train.train_and_evaluate(config, str(tmp_path))
+    loop.train_and_evaluate(config, str(tmp_path))
 
 
 def test_bad_crop_size_names_the_field(tmp_path):
@@ -205,7 +206,7 @@ def test_bad_crop_size_names_the_field(tmp_path):
   config.model.padding = 'VALID'
   config.data.crop_size = 45
   with pytest.raises(ValueError, match='config.data.crop_size=45: input size 45 is invalid'):
-    train.train_and_evaluate(config, str(tmp_path))
+    loop.train_and_evaluate(config, str(tmp_path))
 
 
 def test_nan_loss_halts_with_the_step(tmp_path):
@@ -215,7 +216,7 @@ def test_nan_loss_halts_with_the_step(tmp_path):
   config.optimizer.learning_rate = 1e30
   config.optimizer.warmup_steps = 0
   with pytest.raises(FloatingPointError, match='at step 2'):
-    train.train_and_evaluate(config, str(tmp_path))
+    loop.train_and_evaluate(config, str(tmp_path))
 
 
 def test_valid_padding_run_trains_and_evaluates(tmp_path):
@@ -223,7 +224,7 @@ def test_valid_padding_run_trains_and_evaluates(tmp_path):
   config.model.padding = 'VALID'
   config.model.depth = 1
   config.data.crop_size = 36  # output 20: labels are center-cropped to match
-  scores = train.train_and_evaluate(config, str(tmp_path))
+  scores = loop.train_and_evaluate(config, str(tmp_path))
   assert 0 <= scores['pixel_error'] <= 1
 
 
@@ -235,20 +236,20 @@ def test_confusion_accumulator_sees_every_validation_pixel():
 
 
 def test_workdir_with_another_config_is_refused_unless_allowed(tmp_path):
-  train.train_and_evaluate(_smoke_config(), str(tmp_path))
+  loop.train_and_evaluate(_smoke_config(), str(tmp_path))
   changed = _smoke_config()
   changed.model.width = 2
   with pytest.raises(ValueError, match=r"model.width: 4 → 2.*--allow_config_change"):
-    train.train_and_evaluate(changed, str(tmp_path))
+    loop.train_and_evaluate(changed, str(tmp_path))
   longer = _smoke_config(num_steps=6)  # extending a run is a resumable change
   assert json.load(open(tmp_path / 'config.json'))['num_steps'] == 4
-  train.train_and_evaluate(longer, str(tmp_path))
+  loop.train_and_evaluate(longer, str(tmp_path))
   assert json.load(open(tmp_path / 'final_metrics.json'))['step'] == 6
   reweighted = _smoke_config(num_steps=8)
   reweighted.loss.terms.dice = 0.5
   with pytest.raises(ValueError, match='loss.terms.dice: 1.0 → 0.5'):
-    train.train_and_evaluate(reweighted, str(tmp_path))
-  train.train_and_evaluate(reweighted, str(tmp_path), allow_config_change=True)
+    loop.train_and_evaluate(reweighted, str(tmp_path))
+  loop.train_and_evaluate(reweighted, str(tmp_path), allow_config_change=True)
   assert json.load(open(tmp_path / 'final_metrics.json'))['step'] == 8
 
 
@@ -256,4 +257,4 @@ def test_unwritable_workdir_is_a_clear_error(tmp_path):
   blocked = tmp_path / 'file'
   blocked.write_text('not a directory')
   with pytest.raises(OSError, match='is not writable.*choose another --workdir'):
-    train.train_and_evaluate(_smoke_config(), str(blocked / 'run'))
+    loop.train_and_evaluate(_smoke_config(), str(blocked / 'run'))

@@ -15,10 +15,12 @@ import numpy as np
 import pytest
 
 from experiments import quickstart
-from unet_jax import metric_writers
-from unet_jax import optimizers
+from unet_jax.training import metric_writers
+from unet_jax.training import optimizers
 from unet_jax import sharding
-from unet_jax import train
+from unet_jax.config import validation
+from unet_jax.training import loop
+from unet_jax.training import train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -90,9 +92,9 @@ def _smoke(**overrides):
 
 def _run_steps(config, batches, devices=8):
   config.mesh.data = devices
-  setup = train.build(config, input_channels=1, spatial_rank=2)
+  setup = train_step.build(config, input_channels=1, spatial_rank=2)
   state = jax.jit(setup.init_fn, out_shardings=setup.state_sharding)(jax.random.key(0))
-  step = train.make_step_fn(config, setup)
+  step = train_step.make_step_fn(config, setup)
   metrics = []
   for batch in batches:
     state, m = step(state, sharding.to_global(batch, setup.mesh), jax.random.key(1))
@@ -146,11 +148,11 @@ def test_nonfinite_steps_are_skipped_when_configured():
 
 def test_bad_nonfinite_policy_and_accumulation_are_rejected(tmp_path):
   with pytest.raises(ValueError, match="config.nonfinite='ignore' is not one of"):
-    train.train_and_evaluate(_smoke(nonfinite='ignore'), str(tmp_path))
+    loop.train_and_evaluate(_smoke(nonfinite='ignore'), str(tmp_path))
   config = _smoke()
   config.optimizer.grad_accum_steps = 3
   with pytest.raises(ValueError, match='grad_accum_steps=3 must be'):
-    train.train_and_evaluate(config, str(tmp_path))
+    loop.train_and_evaluate(config, str(tmp_path))
 
 
 def test_early_stopping_stops_when_the_metric_stalls(tmp_path):
@@ -158,7 +160,7 @@ def test_early_stopping_stops_when_the_metric_stalls(tmp_path):
   config.optimizer.learning_rate = 0.0  # nothing improves after the first evaluation
   config.model.norm = 'none'  # batch-norm statistics would still move
   config.early_stopping.patience = 2
-  train.train_and_evaluate(config, str(tmp_path))
+  loop.train_and_evaluate(config, str(tmp_path))
   final = json.load(open(tmp_path / 'final_metrics.json'))
   assert final['stopped_early'] is True
   assert final['step'] == 12  # evaluations at 4 (best), 8 and 12 (two without improvement)
@@ -171,9 +173,9 @@ def _constant_smoke(num_steps):
 
 
 def test_sigterm_mid_run_saves_and_the_resumed_run_is_identical(tmp_path, monkeypatch):
-  train.train_and_evaluate(_constant_smoke(30), str(tmp_path / 'reference'))
+  loop.train_and_evaluate(_constant_smoke(30), str(tmp_path / 'reference'))
 
-  make_iterator = train.input_pipeline.train_iterator
+  make_iterator = loop.pipeline.train_iterator
 
   def iterator_with_sigterm(*args, **kwargs):
     inner = make_iterator(*args, **kwargs)
@@ -195,14 +197,14 @@ def test_sigterm_mid_run_saves_and_the_resumed_run_is_identical(tmp_path, monkey
 
     return Wrapped()
 
-  monkeypatch.setattr(train.input_pipeline, 'train_iterator', iterator_with_sigterm)
-  assert train.train_and_evaluate(_constant_smoke(30), str(tmp_path / 'run')) == {}
+  monkeypatch.setattr(loop.pipeline, 'train_iterator', iterator_with_sigterm)
+  assert loop.train_and_evaluate(_constant_smoke(30), str(tmp_path / 'run')) == {}
   monkeypatch.undo()
   steps = sorted(int(d) for d in os.listdir(tmp_path / 'run' / 'checkpoints') if d.isdigit())
   assert steps[-1] == 17 and not (tmp_path / 'run' / 'final_metrics.json').exists()
   assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler was removed again
 
-  train.train_and_evaluate(_constant_smoke(30), str(tmp_path / 'run'))
+  loop.train_and_evaluate(_constant_smoke(30), str(tmp_path / 'run'))
   ref = json.load(open(tmp_path / 'reference' / 'final_metrics.json'))
   assert json.load(open(tmp_path / 'run' / 'final_metrics.json')) == ref
   assert _train_losses(tmp_path / 'run') == _train_losses(tmp_path / 'reference')
@@ -247,4 +249,4 @@ def test_device_augmentation_runs_inside_the_step_and_changes_the_update():
   assert max(jax.tree.leaves(diff)) > 0
   config.data.augment_on = 'gpu'
   with pytest.raises(ValueError, match="config.data.augment_on='gpu' is not one of"):
-    train.check_config(config)
+    validation.validate(config)

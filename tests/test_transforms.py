@@ -5,9 +5,9 @@ import pytest
 from scipy import ndimage as ndi
 from scipy.spatial.transform import Rotation
 
-from unet_jax import geometric as G
-from unet_jax import intensity as I
-from unet_jax import transforms as T
+from unet_jax.augment import geometric as G
+from unet_jax.augment import intensity as I
+from unet_jax.augment import transforms as T
 
 FULL_SPEC = ('elastic(p=0.5, sigma=10, grid=3)|rotate(p=0.5, degrees=15)|scale(p=0.3, min=0.9, '
              'max=1.1)|flip|rot90|brightness(p=0.3, delta=0.1)|contrast(p=0.3, min=0.8, max=1.2)|'
@@ -87,7 +87,7 @@ def test_build_train_transforms_chains_pad_geometry_intensity_normalize():
                                                                       T.Normalize]
   assert type(T.build_train_transforms('gamma', crop='foreground', **kw)[1]) is T.ForegroundCrop
   chain = T.build_train_transforms('noise|rotate|gamma|flip', crop='foreground', order=3, **kw)
-  assert [type(op) for op in chain] == [T.MirrorPad, T.GeometricAugment, I.ToUnitRange,
+  assert [type(op) for op in chain] == [T.MirrorPad, G.GeometricAugment, I.ToUnitRange,
                                         I.GaussianNoise, I.Gamma, T.Normalize]
   fused = chain[1]
   assert [type(op) for op in fused.ops] == [G.RandomRotate, G.RandomFlip]
@@ -125,7 +125,7 @@ def test_full_chain_keeps_keys_aligned_and_normalises(shape, crop):
 @pytest.mark.parametrize('spec', ALWAYS_GEOMETRIC + ["rotate(p=1, axis='random', degrees=60)"])
 @pytest.mark.parametrize('shape', [(16, 16), (6, 10, 10)])
 def test_each_geometric_op_moves_every_key_alike(spec, shape):
-  fused = T.GeometricAugment((_one(spec),), order=0)  # nearest everywhere: exact comparison
+  fused = G.GeometricAugment((_one(spec),), order=0)  # nearest everywhere: exact comparison
   example = _derived(shape)
   changed = False
   for seed in range(3):
@@ -142,7 +142,7 @@ def test_interpolated_image_stays_aligned_with_nearest_labels(shape, order):
   image = _smooth(shape, sigma=4.0)
   threshold = np.median(image)
   example = {'image': image[..., None], 'label': (image > threshold).astype(np.int32)}
-  fused = T.GeometricAugment(T.parse_augment('|'.join(ALWAYS_GEOMETRIC)), order=order)
+  fused = G.GeometricAugment(T.parse_augment('|'.join(ALWAYS_GEOMETRIC)), order=order)
   for seed in range(3):
     out = fused.random_map(example, np.random.default_rng(seed))
     derived = out['image'][..., 0] > threshold
@@ -162,7 +162,7 @@ def test_zero_strength_ops_are_identities(spec, order):
     image = _smooth(shape)[..., None]
     example = {'image': image, 'label': (image[..., 0] > 100).astype(np.int32),
                'weight': image[..., 0] + 1}
-    out = T.GeometricAugment((_one(spec),), order=order).random_map(
+    out = G.GeometricAugment((_one(spec),), order=order).random_map(
         example, np.random.default_rng(0))
     np.testing.assert_allclose(out['image'], image, atol=1e-3)
     np.testing.assert_allclose(out['weight'], example['weight'], atol=1e-3)
@@ -175,17 +175,17 @@ def test_rotation_by_90_degrees_equals_np_rot90():
     image = _smooth(shape)
     example = {'image': image[..., None], 'label': np.zeros(shape, np.int32)}
     for u1, turns in [(1.0, 1), (0.0, -1)]:  # angle = (2 u1 - 1) · degrees
-      out = T.GeometricAugment((rotate,)).apply(example, [(np.array([0.0, u1]), np.zeros(0))])
+      out = G.GeometricAugment((rotate,)).apply(example, [(np.array([0.0, u1]), np.zeros(0))])
       np.testing.assert_allclose(out['image'][..., 0], np.rot90(image, turns, axes=(-2, -1)),
                                  atol=1e-3)
   for k in range(4):  # rot90 draws k = floor(4 u)
-    out = T.GeometricAugment((G.RandomRot90(),)).apply(example, [(np.array([k / 4 + 0.1]), [])])
+    out = G.GeometricAugment((G.RandomRot90(),)).apply(example, [(np.array([k / 4 + 0.1]), [])])
     np.testing.assert_array_equal(out['image'][..., 0], np.rot90(image, k, axes=(1, 2)))
 
 
 def _apply(op, image, u, z=()):
   example = {'image': image[..., None], 'label': np.zeros(image.shape, np.int32)}
-  return T.GeometricAugment((op,)).apply(example, [(np.asarray(u), np.asarray(z))])['image'][..., 0]
+  return G.GeometricAugment((op,)).apply(example, [(np.asarray(u), np.asarray(z))])['image'][..., 0]
 
 
 def test_affine_ops_match_scipy():
@@ -254,7 +254,7 @@ def test_fused_crop_resamples_the_source_at_the_crop_coordinates():
   image = _smooth((30, 34))
   example = {'image': image[..., None], 'label': np.zeros(image.shape, np.int32)}
   size, start = (12, 16), (5, 11)
-  out = T.GeometricAugment((G.RandomRotate(p=1, degrees=30),), size=size).apply(
+  out = G.GeometricAugment((G.RandomRotate(p=1, degrees=30),), size=size).apply(
       example, [(np.array([0.0, 0.75]), np.zeros(0))], start=start)
   # Reference: rotate the whole image about the crop's centre, then crop.
   angle = np.deg2rad(0.5 * 30)
@@ -268,7 +268,7 @@ def test_fused_crop_resamples_the_source_at_the_crop_coordinates():
 
 def test_flips_and_turns_of_a_crop_are_exact_views_of_the_source():
   example = _derived((20, 20))
-  fused = T.GeometricAugment((G.RandomFlip(), G.RandomRot90()), size=(9, 9))
+  fused = G.GeometricAugment((G.RandomFlip(), G.RandomRot90()), size=(9, 9))
   windows = {np.rot90(np.flip(example['image'][i:i + 9, j:j + 9, 0], a) if a is not None
                       else example['image'][i:i + 9, j:j + 9, 0], k).tobytes()
              for i in range(12) for j in range(12) for a in (None, 0, 1, (0, 1)) for k in range(4)}
@@ -283,7 +283,7 @@ def test_reads_beyond_the_source_mirror_like_mirror_pad():
   example = {'image': image[..., None], 'label': np.zeros(image.shape, np.int32)}
   # elastic with sigma 0 forces the interpolating path; shift by (-4, +3) reads outside.
   ops = (G.ElasticDeform(p=1, sigma=0), G.RandomShift(p=1, max=4))
-  out = T.GeometricAugment(ops).apply(example, [([0.0], np.zeros(18)), ([0.0, 0.0, 0.875], [])])
+  out = G.GeometricAugment(ops).apply(example, [([0.0], np.zeros(18)), ([0.0, 0.0, 0.875], [])])
   padded = np.pad(image, 4, mode='reflect')
   np.testing.assert_allclose(out['image'][..., 0], padded[8:18, 1:13], atol=1e-3)
   assert T.MirrorPad(4).map(example)['image'][..., 0].tolist() == padded.tolist()
@@ -291,7 +291,7 @@ def test_reads_beyond_the_source_mirror_like_mirror_pad():
 
 @pytest.mark.parametrize('make', [
     lambda p: T.ForegroundCrop((6, 6), foreground_class=2, p=p),
-    lambda p: T.GeometricAugment((G.RandomFlip(),), size=(6, 6), foreground_class=2,
+    lambda p: G.GeometricAugment((G.RandomFlip(),), size=(6, 6), foreground_class=2,
                                  foreground_p=p),
 ])
 def test_foreground_crop_centres_on_the_foreground_class(make):
@@ -310,7 +310,7 @@ def test_foreground_crop_centres_on_the_foreground_class(make):
 
 def test_crop_that_does_not_fit_names_the_config_field():
   with pytest.raises(ValueError, match='config.data.crop_size'):
-    T.GeometricAugment((G.RandomFlip(),), size=(30, 8)).random_map(
+    G.GeometricAugment((G.RandomFlip(),), size=(30, 8)).random_map(
         _derived((20, 20)), np.random.default_rng(0))
 
 
@@ -393,8 +393,3 @@ def test_same_seed_same_output_and_seeds_differ():
   for key in ('image', 'label', 'weight', 'instances'):
     np.testing.assert_array_equal(a[key], b[key])
   assert not np.array_equal(a['image'], c['image'])
-
-
-def test_benchmark_host_ops_reports_a_rate():
-  rate = T.benchmark_host_ops(FULL_SPEC, (40, 40), (48, 48), 2)
-  assert np.isfinite(rate) and rate > 0

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from experiments import isbi3d, quickstart
-from unet_jax import train
+from unet_jax.training import loop
 from unet_jax.models import MODELS
 
 
@@ -21,7 +21,7 @@ def _variant_config(name):
 
 @pytest.mark.parametrize('name', sorted(MODELS))
 def test_each_variant_trains_and_evaluates(name, tmp_path):
-  scores = train.train_and_evaluate(_variant_config(name), str(tmp_path))
+  scores = loop.train_and_evaluate(_variant_config(name), str(tmp_path))
   assert 0 <= scores['dice_membrane'] <= 1
   records = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl')]
   assert all(np.isfinite(r['train/loss']) for r in records if 'train/loss' in r)
@@ -31,7 +31,7 @@ def test_unet_plus_plus_with_deep_supervision_trains(tmp_path):
   config = _variant_config('unet_plus_plus')
   config.model.unet_plus_plus.deep_supervision = True
   config.loss.deep_supervision_weights = (0.25, 0.75)
-  scores = train.train_and_evaluate(config, str(tmp_path))
+  scores = loop.train_and_evaluate(config, str(tmp_path))
   assert 0 <= scores['dice_membrane'] <= 1
 
 
@@ -39,13 +39,13 @@ def test_unetr_rejects_a_crop_that_is_not_a_patch_multiple(tmp_path):
   config = _variant_config('unetr')
   config.data.crop_size = 30
   with pytest.raises(ValueError, match='config.data.crop_size=30'):
-    train.train_and_evaluate(config, str(tmp_path))
+    loop.train_and_evaluate(config, str(tmp_path))
 
 
 def test_3d_unet_trains_on_the_isbi_stack_as_a_volume(tmp_path, isbi_dir):
   config = isbi3d.get_config('smoke')
   config.data.directory = isbi_dir
-  scores = train.train_and_evaluate(config, str(tmp_path))
+  scores = loop.train_and_evaluate(config, str(tmp_path))
   assert 0 <= scores['dice_membrane'] <= 1
   assert (tmp_path / 'predictions' / 'val_000.png').exists()
   saved = json.load(open(tmp_path / 'config.json'))

@@ -8,7 +8,7 @@ import tifffile
 from scipy import ndimage as ndi
 from skimage import measure
 
-from unet_jax import weight_maps as W
+from unet_jax.datasets import weight_maps as W
 
 
 def _cells(shape, num, seed=0):

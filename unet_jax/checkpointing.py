@@ -14,16 +14,25 @@ removes before it resumes from the newest complete one.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
 import re
 from typing import Any
 
+import flax.linen as nn
 import jax
+import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
+from unet_jax import sharding
+from unet_jax.models import build_model
+
 BEST_MODES = ('max', 'min')
+CHECKPOINTS = ('best', 'latest')  # or a step number
+log = logging.getLogger('unet_jax')
 # errno → what it means for a checkpoint write. EFBIG also comes from a process file-size limit
 # (ulimit -f, RLIMIT_FSIZE), not only from the file system.
 STORAGE_ERRNOS = {
@@ -44,6 +53,33 @@ class CheckpointWriteError(OSError):
   def __init__(self, message: str, code: int | None = None):
     super().__init__(message)
     self.errno = code
+
+
+def run_manager(config: ml_collections.ConfigDict, workdir: str, *, read_only: bool = False
+                ) -> ocp.CheckpointManager:
+  """The manager of `workdir/checkpoints` with the config's retention and best metric.
+
+  `read_only` managers (eval, predict, export) never create, delete or clean up anything, so
+  reading the workdir of a run that is still training cannot remove the checkpoint it writes.
+  """
+  directory = os.path.join(workdir, 'checkpoints')
+  if read_only:
+    return read_only_manager(directory, best_metric=config.checkpoint.best_metric,
+                             best_mode=config.checkpoint.best_mode)
+  return make_manager(directory, keep_best=config.checkpoint.keep_best,
+                      best_metric=config.checkpoint.best_metric,
+                      best_mode=config.checkpoint.best_mode,
+                      keep_latest=config.checkpoint.keep_latest)
+
+
+def read_only_manager(directory: str, *, best_metric: str, best_mode: str = 'max'
+                      ) -> ocp.CheckpointManager:
+  directory = os.path.abspath(directory)
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f'{directory} does not exist; train into this workdir first')
+  options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0,
+                                         best_fn=lambda m: m[best_metric], best_mode=best_mode)
+  return ocp.CheckpointManager(directory, options=options, item_names=('state', 'data'))
 
 
 def make_manager(directory: str, *, keep_best: int, best_metric: str, best_mode: str = 'max',
@@ -102,7 +138,7 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any
     try:
       return restore(manager, step, abstract_state)
     except Exception as e:  # pylint: disable=broad-except  (any unreadable file means skip it)
-      logging.getLogger('unet_jax').warning(
+      log.warning(
           'checkpoint %s is unreadable and is skipped (%s: %s); trying the one before it',
           os.path.join(str(manager.directory), str(step)), type(e).__name__,
           str(e).splitlines()[0][:200] if str(e) else '')
@@ -114,25 +150,109 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any
   """(state, extra) of checkpoint `step`, laid out as `abstract_state` says."""
   restored = manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-  logging.getLogger('unet_jax').info('restored checkpoint of step %d from %s', step,
+  log.info('restored checkpoint of step %d from %s', step,
                                      manager.directory)
   return restored['state'], restored['data']
 
 
-def choose_step(manager: ocp.CheckpointManager, which: str) -> int:
+def choose_step(manager: ocp.CheckpointManager, which: str | int) -> int:
   """'latest', 'best' (by the manager's metric; the latest if none has metrics) or a step."""
   steps = manager.all_steps()
   if not steps:
-    raise FileNotFoundError(f'no checkpoint in {manager.directory}; train first')
+    raise FileNotFoundError(f'no complete checkpoint in {manager.directory}; train first')
   if which == 'latest':
     return manager.latest_step()
   if which == 'best':
     best = manager.best_step()
-    return manager.latest_step() if best is None else best
-  if which.isdigit() and int(which) in steps:
+    if best is None:
+      log.warning('no checkpoint in %s carries validation metrics; using the latest (step %d)',
+                  manager.directory, manager.latest_step())
+      return manager.latest_step()
+    return best
+  if str(which).isdigit() and int(which) in steps:
     return int(which)
-  raise ValueError(f'--checkpoint={which!r} is not "best", "latest" or one of the saved steps '
+  raise ValueError(f'--checkpoint={which!r} is not one of {CHECKPOINTS} or a saved step '
                    f'{sorted(steps)}')
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+  """A trained model ready for inference: module, variables and the input it was trained on."""
+
+  model: nn.Module
+  variables: dict[str, Any]
+  step: int
+  spatial_rank: int
+  input_channels: int
+
+
+def _input_signature(model: nn.Module, params: Any, tile: int) -> tuple[int, int]:
+  """(spatial rank, input channels) of the checkpoint's parameters for `model`.
+
+  The rank is that of the convolution kernels; the channel count is read from the one
+  parameter whose shape depends on the number of input channels.
+  """
+  kernels = [leaf.shape for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+             if 'kernel' in jax.tree_util.keystr(path)]
+  if not kernels:
+    raise ValueError('the checkpoint holds no kernels to infer the input layout from')
+  rank = max(len(shape) for shape in kernels) - 2
+  if rank not in (2, 3):
+    raise ValueError(f'the checkpoint holds {len(max(kernels, key=len))}-dim kernels; expected a '
+                     '2D or 3D model')
+  shapes = [jax.eval_shape(model.init, jax.random.key(0),
+                           jax.ShapeDtypeStruct((1, *(tile,) * rank, c), np.float32))['params']
+            for c in (1, 2)]
+  saved = {jax.tree_util.keystr(p): leaf.shape for p, leaf in
+           jax.tree_util.tree_leaves_with_path(params)}
+  for (path, one), two in zip(jax.tree_util.tree_leaves_with_path(shapes[0]),
+                              jax.tree.leaves(shapes[1])):
+    key = jax.tree_util.keystr(path)
+    if one.shape != two.shape and key in saved:
+      axis = next(i for i, (a, b) in enumerate(zip(one.shape, two.shape)) if a != b)
+      return rank, int(saved[key][axis])
+  return rank, 1
+
+
+def restore_for_inference(config: ml_collections.ConfigDict, workdir: str, *,
+                          checkpoint: str | int = 'best',
+                          mesh: jax.sharding.Mesh | None = None) -> Restored:
+  """The model of `config` with the parameters of a checkpoint in `workdir/checkpoints`.
+
+  Only the parameters (the EMA parameters when the run kept them), batch statistics and step
+  are read, replicated over `mesh`; the optimizer state stays on disk.
+  """
+  mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+  manager = run_manager(config, workdir, read_only=True)
+  step = choose_step(manager, checkpoint)
+  path = ocp.step.find_step_path(manager.directory, ocp.step.standard_name_format(), step=step)
+  saved = ocp.PyTreeCheckpointHandler().metadata(path / 'state').tree
+  keys = [k for k in ('params', 'batch_stats', 'ema_params', 'step') if saved.get(k)]
+  replicated = sharding.replicated(mesh)
+  target = {k: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=replicated),
+                            saved[k], is_leaf=lambda m: hasattr(m, 'shape')) for k in keys}
+  restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding), target)
+  state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      item=target, restore_args=restore_args, partial_restore=True)))['state']
+  manager.close()
+
+  model = build_model(config.model, num_classes=len(config.data.class_names))
+  crop = int(np.ravel(config.data.crop_size)[0])  # a size the model takes, to trace its shapes
+  rank, channels = _input_signature(model, state['params'], crop)
+  expected = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct(
+      (1, *(crop,) * rank, channels), np.float32))
+  found = {'params': state['params'], 'batch_stats': state.get('batch_stats', {})}
+  want = {'params': expected['params'], 'batch_stats': expected.get('batch_stats', {})}
+  shapes = lambda tree: jax.tree.map(lambda x: tuple(x.shape), tree)
+  if shapes(found) != shapes(want):
+    raise ValueError(f'the checkpoint of step {step} in {workdir} does not fit config.model '
+                     f'({dict(config.model)}); predict with the config it was trained with')
+  variables = {'params': state.get('ema_params') or state['params']}
+  if found['batch_stats']:
+    variables['batch_stats'] = found['batch_stats']
+  log.info('restored step %d (%s) from %s: %dD model, %d input channel(s)', step, checkpoint,
+           manager.directory, rank, channels)
+  return Restored(model, variables, step, rank, channels)
 
 
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:

@@ -4,7 +4,10 @@ A sweep is a list of override dicts (dotted config paths → values) that a conf
 from `sweep()`; `grid` and `random_search` build such lists. Each point trains in a workdir of its
 own, so a sweep interrupted half way resumes where it stopped. Results are written as CSV and
 markdown, ranked by the monitored metric (config.checkpoint.best_metric), and plotted against
-every swept hyperparameter in sweep.png (unet_jax/plots.py).
+every swept hyperparameter in sweep.png (unet_jax/training/plots.py).
+
+Each driver validates the configs it runs (every sweep point and fold up front, before the
+first one trains), so a mistake in the last point is reported before hours of training.
 """
 
 from __future__ import annotations
@@ -21,10 +24,13 @@ import ml_collections
 import numpy as np
 
 from unet_jax import checkpointing
-from unet_jax import evaluation
-from unet_jax import input_pipeline
-from unet_jax import plots
-from unet_jax import train
+from unet_jax.config import validation
+from unet_jax.config.overrides import apply_overrides
+from unet_jax.datasets import sources
+from unet_jax.evaluation import evaluator
+from unet_jax.training import loop
+from unet_jax.training import plots
+from unet_jax.training import train_step
 
 log = logging.getLogger('unet_jax')
 SPLITS = ('val', 'train', 'all')
@@ -46,24 +52,6 @@ def random_search(count: int, *, seed: int = 0,
 
 def _plain(value: Any) -> Any:
   return value.item() if isinstance(value, np.generic) else value
-
-
-def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any]
-                    ) -> ml_collections.ConfigDict:
-  """A copy of `config` with dotted-path overrides; an unknown path is an error naming it."""
-  config = ml_collections.ConfigDict(config.to_dict())
-  for path, value in overrides.items():
-    *parents, leaf = path.split('.')
-    node = config
-    for part in parents:
-      if part not in node:
-        raise ValueError(f'sweep override {path!r}: config has no field {part!r}')
-      node = node[part]
-    if leaf not in node:
-      raise ValueError(f'sweep override {path!r}: config has no field {leaf!r}; '
-                       f'fields there: {sorted(node.keys())}')
-    node[leaf] = value
-  return config
 
 
 def _rank(rows: list[dict[str, Any]], config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
@@ -96,12 +84,11 @@ def _score_columns(config: ml_collections.ConfigDict, rows: list[dict[str, Any]]
 
 
 def run_sweep(config: ml_collections.ConfigDict, workdir: str,
-              points: Sequence[Mapping[str, Any]], *, train_fn: TrainFn = train.train_and_evaluate
+              points: Sequence[Mapping[str, Any]], *, train_fn: TrainFn = loop.train_and_evaluate
               ) -> list[dict[str, Any]]:
   """Trains each point in `workdir/NNN`; returns rows ranked by the monitored metric."""
-  if not points:
-    raise ValueError('sweep() returned no points')
-  configs = [apply_overrides(config, p) for p in points]  # every override checked up front
+  validation.validate_points(config, points)
+  configs = [apply_overrides(config, p) for p in points]
   rows = []
   for index, (point, point_config) in enumerate(zip(points, configs)):
     run_dir = os.path.join(workdir, f'{index:03d}')
@@ -135,12 +122,17 @@ def kfold_indices(count: int, folds: int) -> list[tuple[int, ...]]:
 
 
 def run_kfold(config: ml_collections.ConfigDict, workdir: str, *,
-              train_fn: TrainFn = train.train_and_evaluate) -> dict[str, Any]:
+              train_fn: TrainFn = loop.train_and_evaluate) -> dict[str, Any]:
   """Trains config.data.folds runs in `workdir/fold_K`; writes and returns mean ± std."""
-  count = len(input_pipeline.load_dataset(config.data))
+  validation.validate(config)
+  count = len(sources.load_dataset(config.data))
+  folds = [apply_overrides(config, {'data.val_indices': val, 'data.folds': 0})
+           for val in kfold_indices(count, config.data.folds)]
+  for fold_config in folds:
+    validation.validate(fold_config)
   rows = []
-  for fold, val in enumerate(kfold_indices(count, config.data.folds)):
-    fold_config = apply_overrides(config, {'data.val_indices': val, 'data.folds': 0})
+  for fold, fold_config in enumerate(folds):
+    val = tuple(fold_config.data.val_indices)
     log.info('fold %d/%d: validation examples %s', fold + 1, config.data.folds, val)
     scores = train_fn(fold_config, os.path.join(workdir, f'fold_{fold}'))
     rows.append({'fold': fold, **scores})
@@ -164,24 +156,26 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *, spli
   """Scores a saved checkpoint ('best', 'latest' or a step number) on a split; writes JSON."""
   if split not in SPLITS:
     raise ValueError(f'--split={split!r} is not one of {SPLITS}')
-  dataset = input_pipeline.load_dataset(config.data)
-  train_set, val_set = input_pipeline.split_dataset(dataset, config.data)
+  validation.validate(config, mode='eval')
+  dataset = sources.load_dataset(config.data)
+  train_set, val_set = sources.split_dataset(dataset, config.data)
   subset = {'val': val_set, 'train': train_set, 'all': dataset}[split]
-  setup = train.build(config, input_channels=dataset.images.shape[-1],
-                      spatial_rank=dataset.labels.ndim - 1)
-  manager = train.make_manager(config, workdir)
+  setup = train_step.build(config, input_channels=dataset.images.shape[-1],
+                           spatial_rank=dataset.labels.ndim - 1)
+  # Read-only: evaluating next to a run that is still training never touches its saves.
+  manager = checkpointing.run_manager(config, workdir, read_only=True)
   step = checkpointing.choose_step(manager, checkpoint)
   state, _ = checkpointing.restore(manager, step, setup.abstract_state)
-  eval_fn = evaluation.make_eval_fn(setup.model, setup.mesh, len(config.data.class_names))
-  scores = evaluation.evaluate(eval_fn, state, subset, config, setup.model, setup.mesh,
-                               extra_metrics=evaluation.extra_metrics(config))
+  eval_fn = evaluator.make_eval_fn(setup.model, setup.mesh, len(config.data.class_names))
+  scores = evaluator.evaluate(eval_fn, state, subset, config, setup.model, setup.mesh,
+                               extra_metrics=evaluator.extra_metrics(config))
   if jax.process_index() == 0:
     path = os.path.join(workdir, f'eval_{split}_step{step}.json')
     with open(path, 'w', encoding='utf-8') as f:
       json.dump({'step': step, 'split': split, **scores}, f, indent=2, sort_keys=True)
     log.info('checkpoint %d on %s (%d examples): %s', step, split, len(subset),
-             evaluation.format_scores(scores, config.data.class_names))
+             evaluator.format_scores(scores, config.data.class_names))
     if 'isbi_rand_error' in scores:
-      log.info('ISBI 2012 metrics: %s', evaluation.paper_comparison(scores))
+      log.info('ISBI 2012 metrics: %s', evaluator.paper_comparison(scores))
   manager.close()
   return scores

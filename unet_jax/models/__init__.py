@@ -10,7 +10,8 @@
 | 'unetr'          | UNETR          | unetr.py          |
 
 Every class takes 2D (N, H, W, C) or 3D (N, D, H, W, C) input and has the size methods
-`output_size`, `valid_input_size`, `valid_input_sizes` and `size_multiple` (see sizes.py).
+`output_size`, `valid_input_size`, `valid_input_sizes` and `size_multiple` (see sizes.py);
+whole_image.py turns them into crop sizes, mirror padding and the final head.
 """
 
 from __future__ import annotations
@@ -23,8 +24,7 @@ import jax.numpy as jnp
 from unet_jax.models.attention_unet import AttentionUNet
 from unet_jax.models.multires_unet import MultiResUNet
 from unet_jax.models.res_unet import ResUNet
-from unet_jax.models.unet import (UNet, output_shape, output_size, valid_input_size,
-                                  valid_input_sizes)
+from unet_jax.models.unet import UNet
 from unet_jax.models.unet_plus_plus import UNetPlusPlus
 from unet_jax.models.unetr import UNETR
 
@@ -38,6 +38,11 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+
+
+def model_options(name: str) -> set[str]:
+  """The config.model fields the variant `name` takes (its dataclass fields but the wiring)."""
+  return set(MODELS[name].__dataclass_fields__) - {'parent', 'name', 'num_classes'}
 
 
 def build_model(model_config: Any, *, num_classes: int) -> nn.Module:
@@ -54,7 +59,7 @@ def build_model(model_config: Any, *, num_classes: int) -> nn.Module:
   if dtype not in DTYPES:
     raise ValueError(f'config.model.dtype={dtype!r} is not one of {sorted(DTYPES)}')
   constructor = MODELS[name]
-  fields = set(constructor.__dataclass_fields__) - {'parent', 'name', 'num_classes'}
+  fields = model_options(name)
   unknown = set(kwargs) - fields
   if unknown:
     raise ValueError(f'config.model has fields {sorted(unknown)} that {name!r} does not take; '
@@ -62,6 +67,5 @@ def build_model(model_config: Any, *, num_classes: int) -> nn.Module:
   return constructor(num_classes=num_classes, dtype=DTYPES[dtype], **kwargs)
 
 
-__all__ = ['MODELS', 'AttentionUNet', 'MultiResUNet', 'ResUNet', 'UNETR', 'UNet', 'UNetPlusPlus',
-           'build_model', 'output_shape', 'output_size', 'valid_input_size',
-           'valid_input_sizes']
+__all__ = ['DTYPES', 'MODELS', 'AttentionUNet', 'MultiResUNet', 'ResUNet', 'UNETR', 'UNet',
+           'UNetPlusPlus', 'build_model', 'model_options']

@@ -12,7 +12,7 @@ copying the encoder–decoder loop.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from unet_jax.models import blocks
 from unet_jax.models import sizes
-from unet_jax.models.blocks import ACTIVATIONS, activation_by_name  # pylint: disable=unused-import
+from unet_jax.models.blocks import activation_by_name
 
 
 class UNet(sizes.SizeContract, nn.Module):
@@ -34,7 +34,7 @@ class UNet(sizes.SizeContract, nn.Module):
       skip features are center-cropped before concatenation).
     upsample: 'transpose' (2×2 up-convolution, the paper) or 'resize' (linear + 1×1 conv).
     norm: 'none' (the paper), 'batch', 'group', 'instance' or 'layer'.
-    activation: name from ACTIVATIONS.
+    activation: name from blocks.ACTIVATIONS.
     dropout_rate: dropout after the conv blocks of the two deepest levels (the paper's
       "drop-out layers at the end of the contracting path").
     dtype: compute dtype; parameters stay float32 and logits are returned as float32.
@@ -112,31 +112,3 @@ class UNet(sizes.SizeContract, nn.Module):
                               name=f'decoder{level}')(x, skip, train=train)
     return blocks.Head(self.num_classes, dtype=self.dtype, conv_impl=self.conv_impl,
                        name='head')(x)
-
-
-def output_size(input_size: int, *, depth: int, padding: str) -> int:
-  """Output size along one spatial dim of a U-Net of `depth`, or ValueError if it cannot run.
-
-  VALID: each conv block trims 4 pixels, each pooling needs an even size.
-  SAME: the size must be divisible by 2**depth.
-  """
-  return sizes.PoolingGeometry(depth, padding).output_size(input_size)
-
-
-def valid_input_sizes(*, depth: int, count: int = 5, start: int = 1) -> list[int]:
-  """The first `count` input sizes ≥ `start` a VALID U-Net of `depth` accepts.
-
-  Valid sizes form an arithmetic progression with step 2**depth (e.g. 572 = 188 + 24·16 for the
-  paper).
-  """
-  return sizes.PoolingGeometry(depth, 'VALID').valid_input_sizes(count, start)
-
-
-def valid_input_size(min_output: int, *, depth: int, padding: str) -> int:
-  """The smallest input size whose output covers at least `min_output` pixels."""
-  return sizes.PoolingGeometry(depth, padding).valid_input_size(min_output)
-
-
-def output_shape(input_shape: Sequence[int], *, depth: int, padding: str) -> tuple[int, ...]:
-  """`output_size` applied to every spatial dim."""
-  return tuple(output_size(s, depth=depth, padding=padding) for s in input_shape)

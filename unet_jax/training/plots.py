@@ -31,9 +31,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from unet_jax import evaluation
-from unet_jax import input_pipeline
-from unet_jax import metric_writers
+from unet_jax.evaluation import evaluator
+from unet_jax.datasets import pipeline
+from unet_jax.datasets.dataset import Dataset
+from unet_jax.models import whole_image
+from unet_jax.training import metric_writers
 from unet_jax import sharding
 from unet_jax import visualize
 
@@ -294,7 +296,7 @@ def plot_sweep(results: Sequence[Mapping[str, Any]], out_dir: str, metric: str, 
   return _save(figure, out_dir, filename)
 
 
-def predict_examples(state: Any, model: Any, dataset: input_pipeline.Dataset,
+def predict_examples(state: Any, model: Any, dataset: Dataset,
                      config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, count: int
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """(images, labels, predicted classes) of the first `count` examples, whole-image predictions.
@@ -304,11 +306,11 @@ def predict_examples(state: Any, model: Any, dataset: input_pipeline.Dataset,
   """
   subset = dataset.subset(range(count))
   spatial = subset.labels.shape[1:]
-  batch = next(input_pipeline.eval_batches(
+  batch = next(pipeline.eval_batches(
       subset, batch_size=count, mean=config.data.mean, std=config.data.std,
-      pads=evaluation.model_padding(spatial, model)))
+      pads=whole_image.model_padding(model, spatial)))
   images = jax.make_array_from_process_local_data(sharding.replicated(mesh), batch['image'])
-  predict = jax.jit(functools.partial(evaluation.predict_probabilities, model=model,
+  predict = jax.jit(functools.partial(evaluator.predict_probabilities, model=model,
                                       spatial_shape=spatial),
                     out_shardings=sharding.replicated(mesh))
   classes = np.asarray(jnp.argmax(predict(state, images), -1))
@@ -319,7 +321,7 @@ def predict_examples(state: Any, model: Any, dataset: input_pipeline.Dataset,
   return images, labels, classes
 
 
-def write_run_plots(state: Any, model: Any, dataset: input_pipeline.Dataset,
+def write_run_plots(state: Any, model: Any, dataset: Dataset,
                     config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, workdir: str,
                     chief: bool) -> list[str]:
   """loss.png, metrics.png and predictions.png in `workdir`/plots, and one image | ground

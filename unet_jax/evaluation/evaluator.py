@@ -2,7 +2,7 @@
 
 Scores come from one confusion matrix accumulated over every pixel of the split (Dice, IoU,
 precision, recall, pixel accuracy), so they are set-level numbers, not averages of batch
-averages. Whole images are mirror-padded for the model (model_padding), so a VALID
+averages. Whole images are mirror-padded for the model (models/whole_image.py), so a VALID
 net is scored on every pixel too.
 """
 
@@ -17,17 +17,13 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from unet_jax import distance_metrics
-from unet_jax import inference
-from unet_jax import isbi_metrics
-from unet_jax import input_pipeline
-from unet_jax import metrics as metrics_lib
+from unet_jax.evaluation import distance_metrics
+from unet_jax.evaluation import isbi_metrics
+from unet_jax.datasets import pipeline
+from unet_jax.datasets.dataset import IGNORE_LABEL, Dataset
+from unet_jax.evaluation import metrics as metrics_lib
 from unet_jax import sharding
-
-
-def final_logits(outputs: Any) -> jax.Array:
-  """The prediction of a model: its last head when it returns several (deep supervision)."""
-  return outputs[-1] if isinstance(outputs, (tuple, list)) else outputs
+from unet_jax.models import whole_image
 
 
 def eval_variables(state: Any) -> dict[str, Any]:
@@ -39,8 +35,9 @@ def eval_variables(state: Any) -> dict[str, Any]:
 def predict_probabilities(state: Any, images: jax.Array, *, model: Any,
                           spatial_shape: tuple[int, ...]) -> jax.Array:
   """Softmax probabilities of mirror-padded images, cropped back to `spatial_shape`."""
-  logits = final_logits(model.apply(eval_variables(state), images, train=False))
-  return jax.nn.softmax(inference.crop_to(logits, spatial_shape), axis=-1)
+  outputs = model.apply(eval_variables(state), images, train=False)
+  return whole_image.head_probabilities(whole_image.crop_to(whole_image.final_logits(outputs),
+                                                            spatial_shape))
 
 
 def eval_step(state: Any, batch: dict[str, jax.Array], *, model: Any, num_classes: int
@@ -60,31 +57,18 @@ def make_eval_fn(model: Any, mesh: jax.sharding.Mesh, num_classes: int) -> Calla
                  out_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)))
 
 
-def model_padding(spatial_shape: tuple[int, ...], model: Any) -> list[tuple[int, int]]:
-  """(before, after) mirror padding per dim so ONE pass of `model` covers a whole image.
-
-  After padding, output pixel i lies over image pixel i (inference.crop_to slices it back).
-  """
-  pads = []
-  for size in spatial_shape:
-    needed = model.valid_input_size(size)
-    border = (needed - model.output_size(needed)) // 2
-    pads.append((border, needed - size - border))
-  return pads
-
-
-def eval_batches(dataset: input_pipeline.Dataset, config: ml_collections.ConfigDict, model: Any,
+def eval_batches(dataset: Dataset, config: ml_collections.ConfigDict, model: Any,
                  mesh: jax.sharding.Mesh) -> Iterator[dict[str, np.ndarray]]:
   local_batch = sharding.check_batch_size(config.eval_batch_size, mesh,
                                           field='config.eval_batch_size')
-  pads = model_padding(dataset.labels.shape[1:], model)
-  return input_pipeline.eval_batches(dataset, batch_size=local_batch, pads=pads,
+  pads = whole_image.model_padding(model, dataset.labels.shape[1:])
+  return pipeline.eval_batches(dataset, batch_size=local_batch, pads=pads,
                                      mean=config.data.mean, std=config.data.std,
                                      process_index=jax.process_index(),
                                      process_count=jax.process_count())
 
 
-def evaluate(eval_fn: Callable, state: Any, dataset: input_pipeline.Dataset,
+def evaluate(eval_fn: Callable, state: Any, dataset: Dataset,
              config: ml_collections.ConfigDict, model: Any, mesh: jax.sharding.Mesh,
              *, extra_metrics: list[Any] = ()) -> dict[str, float]:
   """Scores over the whole split. `extra_metrics` are host accumulators with
@@ -99,7 +83,7 @@ def evaluate(eval_fn: Callable, state: Any, dataset: input_pipeline.Dataset,
     if extra_metrics:  # every process scores the whole batch, so all agree on the result
       probs = np.asarray(multihost_utils.process_allgather(probs, tiled=True))
       labels = np.asarray(multihost_utils.process_allgather(global_batch['label'], tiled=True))
-      keep = (labels.reshape(len(labels), -1) != input_pipeline.IGNORE_LABEL).any(1)
+      keep = (labels.reshape(len(labels), -1) != IGNORE_LABEL).any(1)
       for extra in extra_metrics:
         extra.update(probs[keep], labels[keep])
   scores = accumulator.result(config.data.class_names)

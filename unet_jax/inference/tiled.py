@@ -1,23 +1,19 @@
-"""Prediction of whole images: one mirror-padded pass, or overlap tiles with test-time augmentation.
+"""Prediction of whole images of any size: overlap tiles, sharded tile batches, test-time augmentation.
 
 Shapes: images `(*spatial, C_in)` float32, already normalised like the training data;
-probabilities `(*spatial, C)` float32; batched functions take and return a leading N.
+probabilities `(*spatial, C)` float32.
 
-`predict_logits` runs a model once over a whole mirror-padded batch (training's evaluation uses
-it). `TiledPredictor` handles images of any size in bounded memory with the paper's overlap-tile
-strategy (tile placement in unet_jax/tiling.py): tiles are predicted in fixed-size batches by one
-jit-compiled function whose batch is split over every device of the mesh, and each batch's
-probabilities are added into a host accumulator the size of the image, so only one batch of
-tile outputs exists at a time. Test-time augmentation ('flips': the 4 flips, 'dihedral': all 8
-flips and 90° rotations, as the paper averaged rotated and flipped versions) predicts each
-transformed image, maps the probabilities back with the inverse transform and averages them.
+`TiledPredictor` handles images of any size in bounded memory with the paper's overlap-tile
+strategy (tile placement in unet_jax/inference/tiling.py): tiles are predicted in fixed-size
+batches by one jit-compiled function whose batch is split over every device of the mesh, and
+each batch's probabilities are added into a host accumulator the size of the image, so only one
+batch of tile outputs exists at a time. Test-time augmentation ('flips': the 4 flips,
+'dihedral': all 8 flips and 90° rotations, as the paper averaged rotated and flipped versions)
+predicts each transformed image, maps the probabilities back with the inverse transform and
+averages them.
 
   predictor = TiledPredictor.for_model(model, variables, tile_size=572, batch_size=8)
   probabilities = predictor(image, tta='dihedral')  # (H, W, C) for an image (H, W, C_in)
-
-Alignment of `model_padding`: after padding, output pixel i lies over image pixel i, so logits
-are sliced `[:size]` along every spatial dim. For a SAME net the padding only rounds the size up
-to a multiple of 2**depth.
 """
 
 from __future__ import annotations
@@ -27,46 +23,15 @@ import functools
 from typing import Any, Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from unet_jax import sharding
-from unet_jax import tiling
-from unet_jax import transforms as T
-from unet_jax.models import output_size, valid_input_size
+from unet_jax.inference import tiling
+from unet_jax.models import whole_image
 
 TTA_MODES = ('none', 'flips', 'dihedral')
 # (variables, images (N, *spatial, C_in)) → logits (N, *out, C)
 ApplyFn = Callable[[Any, jax.Array], jax.Array]
-
-
-def model_padding(spatial_shape: Sequence[int], *, depth: int, padding: str
-                  ) -> list[tuple[int, int]]:
-  """(before, after) mirror padding per spatial dim for one pass over an image of this shape."""
-  pads = []
-  for size in spatial_shape:
-    needed = valid_input_size(size, depth=depth, padding=padding)
-    border = (needed - output_size(needed, depth=depth, padding=padding)) // 2
-    pads.append((border, needed - size - border))
-  return pads
-
-
-def crop_to(logits: jax.Array, spatial_shape: Sequence[int]) -> jax.Array:
-  """The leading `spatial_shape` of the output, which lines up with the unpadded image."""
-  return logits[(slice(None),) + tuple(slice(0, s) for s in spatial_shape)]
-
-
-def predict_logits(apply_fn: Callable[[jax.Array], jax.Array], images: np.ndarray, *, depth: int,
-                   padding: str) -> jax.Array:
-  """Logits `(N, *spatial, C)` for images `(N, *spatial, C_in)` (already normalised)."""
-  spatial = images.shape[1:-1]
-  pads = model_padding(spatial, depth=depth, padding=padding)
-  padded = T.mirror_pad(np.asarray(images), [(0, 0), *pads, (0, 0)])
-  return crop_to(apply_fn(jnp.asarray(padded)), spatial)
-
-
-def probabilities(logits: jax.Array) -> jax.Array:
-  return jax.nn.softmax(logits, axis=-1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,14 +75,13 @@ def model_apply_fn(model: Any) -> ApplyFn:
   """
 
   def apply(variables, images):
-    outputs = model.apply(variables, images, train=False)
-    return outputs[-1] if isinstance(outputs, (tuple, list)) else outputs
+    return whole_image.final_logits(model.apply(variables, images, train=False))
 
   return apply
 
 
 def _tile_probabilities(apply_fn: ApplyFn, variables: Any, tiles: jax.Array) -> jax.Array:
-  return jax.nn.softmax(apply_fn(variables, tiles).astype(jnp.float32), axis=-1)
+  return whole_image.head_probabilities(apply_fn(variables, tiles))
 
 
 class TiledPredictor:
@@ -141,8 +105,7 @@ class TiledPredictor:
   def __init__(self, apply_fn: ApplyFn, variables: Any, *, geometry: tiling.TileGeometry,
                tile_size: int | Sequence[int], batch_size: int = 8, overlap: float = 0.25,
                blend: str = 'gaussian', mesh: jax.sharding.Mesh | None = None):
-    sizes = (tile_size,) if isinstance(tile_size, (int, np.integer)) else tuple(tile_size)
-    for size in sizes:
+    for size in np.ravel(tile_size):
       geometry.check_tile_size(size)
     if blend not in tiling.BLENDS:
       raise ValueError(f'blend={blend!r} is not one of {tiling.BLENDS}')
@@ -172,12 +135,11 @@ class TiledPredictor:
     return cls(model_apply_fn(model), variables, **kwargs)
 
   def tile_shape(self, rank: int) -> tuple[int, ...]:
-    if isinstance(self.tile_size, (int, np.integer)):
-      return (int(self.tile_size),) * rank
-    if len(self.tile_size) != rank:
+    try:
+      return whole_image.crop_shape(self.tile_size, rank)
+    except ValueError:
       raise ValueError(f'tile_size={tuple(self.tile_size)} has {len(self.tile_size)} dims but the '
-                       f'image has {rank} spatial dims')
-    return tuple(int(t) for t in self.tile_size)
+                       f'image has {rank} spatial dims') from None
 
   def plan(self, spatial_shape: Sequence[int]) -> tiling.TilePlan:
     return tiling.plan_tiles(spatial_shape, self.tile_shape(len(spatial_shape)), self.geometry,
@@ -258,5 +220,4 @@ class TiledPredictor:
         accumulator['weight'][tile.destination] += w
 
 
-__all__: list[Any] = ['TTA_MODES', 'TiledPredictor', 'Transform', 'crop_to', 'model_apply_fn',
-                      'model_padding', 'predict_logits', 'probabilities', 'tta_transforms']
+__all__: list[Any] = ['TTA_MODES', 'TiledPredictor', 'Transform', 'model_apply_fn', 'tta_transforms']

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import grain
 import numpy as np
 
-from unet_jax import geometric as G
+from unet_jax.augment import geometric as G
 
 Example = dict[str, np.ndarray]
 

@@ -1,94 +1,37 @@
-"""More data sources: image/mask folders, TFDS ArrayRecord datasets and 3D TIFF volumes.
+"""Loaders of the data sources: ISBI stacks, image/mask folders, TFDS ArrayRecord datasets,
+3D TIFF volumes and the procedural set.
 
-Every loader returns an in-memory `input_pipeline.Dataset`: images `(N, *spatial, C) uint8` and
+Every loader returns an in-memory `dataset.Dataset`: images `(N, *spatial, C) uint8` and
 labels `(N, *spatial) uint8` class ids, with `IGNORE_CLASS` (255) marking pixels that a loss
-should skip (pass `ignore_label=255` to it). Loaders check the data and raise `DataError` (a
-ValueError) naming the offending file; nothing is cropped, resized or reinterpreted silently.
+should skip. Loaders check the data and raise `DataError` (a ValueError) naming the offending
+file; nothing is cropped, resized or reinterpreted silently. Intensities become uint8 by the
+one dataset-wide rule of `images.IntensityScaling`, which the Dataset carries.
 
+  load_isbi          the ISBI 2012 training stacks (30, 512, 512) with ISBI polarity labels.
   load_folder        2D images and masks in two folders, matched by file stem (PNG or TIFF).
   load_tfds          a TFDS dataset stored as ArrayRecord, read without TensorFlow.
   load_volumes       multi-page TIFF stacks, each a (D, H, W) volume: images (N, D, H, W, 1).
   isbi_as_volume     the ISBI 2012 training stack as one labelled volume (1, 30, 512, 512, 1).
-  split_volume_z     train / validation sub-volumes of a volume, split along z.
-
-Intensities become uint8 by one rule for a whole dataset (`images_to_uint8`): uint8 stays as it
-is; other integer images whose values all lie in [0, 255] are cast unchanged (e.g. 8-bit data
-stored as uint16); anything else (16-bit range, float) is mapped linearly so that the 0.5th and
-99.5th percentiles over all images become 0 and 255, clipping beyond. One global mapping keeps
-brightness comparable between images and makes the result deterministic.
+  load_procedural    the generated EM-like set (procedural.make_em_like).
 """
 
 from __future__ import annotations
 
 import os
 import re
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
-from unet_jax.input_pipeline import Dataset, isbi_labels_to_classes, load_isbi
+from unet_jax.datasets import images as image_files
+from unet_jax.datasets import procedural
+from unet_jax.datasets.dataset import IGNORE_CLASS, DataError, Dataset, as_volume
 
 
-class DataError(ValueError):
-  """A data file that cannot be used as it is: unreadable, empty, of the wrong dtype, rank or
-  shape, or with values outside what its role allows. The message names the file (or the TFDS
-  example). Raised by every loader here, input_pipeline.load_isbi and predict's reader."""
-
-
-IGNORE_CLASS = 255  # uint8 label of ignored pixels; class ids must stay below it
+ISBI_FILES = {'images': 'train-volume.tif', 'labels': 'train-labels.tif'}
 MASK_MODES = ('classes', 'binary', 'instances')
 LABEL_MODES = ('isbi', 'classes')
-IMAGE_EXTENSIONS = ('.png', '.tif', '.tiff')
 MASK_SUFFIXES = ('', '_mask', '_masks', '_label', '_labels')
-PERCENTILES = (0.5, 99.5)
-_MAX_PERCENTILE_SAMPLES = 1 << 24  # beyond this, percentiles use a fixed stride of the pixels
-
-
-def images_to_uint8(images: np.ndarray) -> np.ndarray:
-  """The dataset-wide uint8 rule of the module docstring, applied to all images at once."""
-  if images.dtype == np.uint8:
-    return images
-  if np.issubdtype(images.dtype, np.integer) and images.min() >= 0 and images.max() <= 255:
-    return images.astype(np.uint8)
-  flat = images.reshape(-1)
-  stride = -(-flat.size // _MAX_PERCENTILE_SAMPLES)
-  lo, hi = np.percentile(flat[::stride].astype(np.float64), PERCENTILES)
-  scale = 255.0 / max(hi - lo, 1e-12)  # a constant image maps to 0 rather than dividing by 0
-  return np.round(np.clip((images.astype(np.float64) - lo) * scale, 0, 255)).astype(np.uint8)
-
-
-def read_array(path: str, what: str) -> np.ndarray:
-  """Reads a PNG (Pillow) or TIFF (tifffile) file; errors name the file."""
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'{what} file {path} does not exist')
-  try:
-    if path.lower().endswith('.png'):
-      from PIL import Image  # pylint: disable=g-import-not-at-top
-      with Image.open(path) as image:
-        array = np.asarray(image)  # palette PNGs give their indices, as class masks need
-    else:
-      import tifffile  # pylint: disable=g-import-not-at-top
-      array = tifffile.imread(path)
-  except Exception as e:  # the readers raise many types on corrupt input
-    raise DataError(f'{what} file {path} is not a readable image: {e}') from e
-  if array.size == 0:
-    raise DataError(f'{what} file {path} holds no pixels')
-  return array
-
-
-# `where` names the data in errors: 'image file a.png', 'TFDS dataset … example 3 label'.
-def _check_image_dtype(array: np.ndarray, where: str) -> None:
-  if array.dtype == bool or not (np.issubdtype(array.dtype, np.integer)
-                                 or np.issubdtype(array.dtype, np.floating)):
-    raise DataError(f'{where} has dtype {array.dtype}; expected an integer or float image')
-  if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
-    raise DataError(f'{where} has NaN or infinite values')
-
-
-def _check_mask_dtype(array: np.ndarray, where: str) -> None:
-  if not (array.dtype == bool or np.issubdtype(array.dtype, np.integer)):
-    raise DataError(f'{where} has dtype {array.dtype}; masks must hold integer ids (convert '
-                    'float masks explicitly; they are not rounded here)')
 
 
 def mask_to_labels(mask: np.ndarray, *, where: str, mode: str, num_classes: int,
@@ -108,7 +51,7 @@ def mask_to_labels(mask: np.ndarray, *, where: str, mode: str, num_classes: int,
   if not 2 <= num_classes <= IGNORE_CLASS:
     raise ValueError(f'config.data.num_classes={num_classes} must be in [2, {IGNORE_CLASS}] '
                      f'(uint8 labels; {IGNORE_CLASS} marks ignored pixels)')
-  _check_mask_dtype(mask, where)
+  image_files.check_mask_dtype(mask, where)
   ids = mask.astype(np.int64)
   ignored = np.zeros(ids.shape, bool) if ignore_label is None else ids == ignore_label
   instances = None
@@ -131,6 +74,12 @@ def mask_to_labels(mask: np.ndarray, *, where: str, mode: str, num_classes: int,
                         f'(≤ {np.iinfo(np.int32).max}); relabel the objects 1..N')
       instances = np.where(ignored, 0, ids).astype(np.int32)
   return np.where(ignored, IGNORE_CLASS, labels).astype(np.uint8), instances
+
+
+def _scaled(raw: np.ndarray, labels: np.ndarray) -> Dataset:
+  """A Dataset of `raw` images under the intensity rule fitted on all of them."""
+  scaling = image_files.IntensityScaling.fit(raw)
+  return Dataset(scaling.to_uint8(raw), labels, scaling=scaling)
 
 
 def _as_hwc(array: np.ndarray, where: str) -> np.ndarray:
@@ -163,7 +112,7 @@ def _list_by_stem(directory: str, what: str, field: str) -> dict[str, str]:
   files: dict[str, str] = {}
   for name in sorted(os.listdir(directory)):
     stem, ext = os.path.splitext(name)
-    if name.startswith('.') or ext.lower() not in IMAGE_EXTENSIONS:
+    if name.startswith('.') or ext.lower() not in image_files.IMAGE_EXTENSIONS:
       continue
     if stem in files:
       raise DataError(f'{what} files {files[stem]} and {os.path.join(directory, name)} share the '
@@ -171,7 +120,7 @@ def _list_by_stem(directory: str, what: str, field: str) -> dict[str, str]:
     files[stem] = os.path.join(directory, name)
   if not files:
     raise ValueError(f'config.data.{field}={directory!r} holds no {what} files '
-                     f'({", ".join(IMAGE_EXTENSIONS)})')
+                     f'({", ".join(image_files.IMAGE_EXTENSIONS)})')
   return dict(sorted(files.items(), key=lambda item: _natural_key(item[0])))
 
 
@@ -220,10 +169,10 @@ def load_folder_with_instances(images_dir: str, masks_dir: str, *, num_classes: 
   images, labels, instances = [], [], []
   first = None
   for image_path, mask_path in match_files(images_dir, masks_dir, mask_suffixes=mask_suffixes):
-    image = read_array(image_path, 'image')
-    _check_image_dtype(image, f'image file {image_path}')
+    image = image_files.read_image(image_path, 'image')
+    image_files.check_image_dtype(image, f'image file {image_path}')
     image = _as_hwc(image, f'image file {image_path}')
-    mask = _as_hw(read_array(mask_path, 'mask'), f'mask file {mask_path}')
+    mask = _as_hw(image_files.read_image(mask_path, 'mask'), f'mask file {mask_path}')
     if first is None:
       first = (image_path, image.shape)
     elif image.shape != first[1]:
@@ -238,7 +187,7 @@ def load_folder_with_instances(images_dir: str, masks_dir: str, *, num_classes: 
     images.append(image)
     labels.append(label)
     instances.append(instance)
-  dataset = Dataset(images_to_uint8(np.stack(images)), np.stack(labels))
+  dataset = _scaled(np.stack(images), np.stack(labels))
   return dataset, (np.stack(instances) if mask_mode == 'instances' else None)
 
 
@@ -250,7 +199,7 @@ def load_folder(images_dir: str, masks_dir: str, *, num_classes: int, mask_mode:
   Files are PNG or TIFF (.png, .tif, .tiff; other files are ignored), 8- or 16-bit, grayscale
   (C = 1) or RGB(A) (C = 3 or 4). Image `a.png` pairs with the mask of stem `a`, `a_mask`,
   `a_masks`, `a_label` or `a_labels` (`mask_suffixes`) in either format. All images must share
-  one shape. Intensities follow `images_to_uint8`. `mask_mode`:
+  one shape. Intensities follow `image_files.IntensityScaling`. `mask_mode`:
     'classes'    mask values are class ids in [0, num_classes);
     'binary'     mask > 0 is class 1 (num_classes must be 2);
     'instances'  instance ids, 0 = background → binary foreground labels (num_classes = 2);
@@ -301,7 +250,7 @@ def load_tfds(name: str, *, data_dir: str, split: str, image_key: str = 'image',
                      f'{sorted(example)}')
     path = f'{where} example {i}'
     image = np.asarray(example[image_key])
-    _check_image_dtype(image, f'{path} image')
+    image_files.check_image_dtype(image, f'{path} image')
     image = _as_hwc(image, f'{path} image')
     label = _as_hw(np.asarray(example[label_key]), f'{path} label')
     if label.shape != image.shape[:2]:
@@ -311,7 +260,7 @@ def load_tfds(name: str, *, data_dir: str, split: str, image_key: str = 'image',
       raise DataError(f'{path} has image shape {image.shape} but example 0 has '
                       f'{images[0].shape}; all examples must share one shape')
     if num_classes is None:
-      _check_mask_dtype(label, f'{path} label')
+      image_files.check_mask_dtype(label, f'{path} label')
       if label.min() < 0 or label.max() > 255:
         raise DataError(f'{path}: label values span [{label.min()}, {label.max()}], which does '
                         'not fit uint8 class ids')
@@ -321,11 +270,11 @@ def load_tfds(name: str, *, data_dir: str, split: str, image_key: str = 'image',
                                 num_classes=num_classes, ignore_label=ignore_label)
     images.append(image)
     labels.append(label)
-  return Dataset(images_to_uint8(np.stack(images)), np.stack(labels))
+  return _scaled(np.stack(images), np.stack(labels))
 
 
 def _read_volume(path: str, what: str) -> np.ndarray:
-  volume = read_array(path, what)
+  volume = image_files.read_image(path, what)
   if volume.ndim != 3:
     raise DataError(f'{what} file {path} has shape {volume.shape}; expected a multi-page TIFF '
                     'stack (D, H, W)')
@@ -340,7 +289,7 @@ def load_volumes(image_paths: Sequence[str], label_paths: Sequence[str], *,
   label_mode 'isbi': ISBI polarity (255 = interior → class 0, 0 = membrane → class 1).
   label_mode 'classes': class ids, checked against [0, num_classes) when num_classes is given;
   pixels equal to `ignore_label` become IGNORE_CLASS, as in `mask_to_labels`.
-  All volumes must share one shape (D, H, W); intensities follow `images_to_uint8`.
+  All volumes must share one shape (D, H, W); intensities follow `image_files.IntensityScaling`.
   """
   if label_mode not in LABEL_MODES:
     raise ValueError(f'config.data.label_mode={label_mode!r} is not one of {LABEL_MODES}')
@@ -350,9 +299,9 @@ def load_volumes(image_paths: Sequence[str], label_paths: Sequence[str], *,
   images, labels = [], []
   for image_path, label_path in zip(image_paths, label_paths):
     image = _read_volume(image_path, 'image')
-    _check_image_dtype(image, f'image file {image_path}')
+    image_files.check_image_dtype(image, f'image file {image_path}')
     label = _read_volume(label_path, 'label')
-    _check_mask_dtype(label, f'label file {label_path}')
+    image_files.check_mask_dtype(label, f'label file {label_path}')
     if images and image.shape != images[0].shape:
       raise DataError(f'image file {image_path} has shape {image.shape} but {image_paths[0]} '
                       f'has {images[0].shape}; all volumes must share one shape (D, H, W)')
@@ -367,7 +316,7 @@ def load_volumes(image_paths: Sequence[str], label_paths: Sequence[str], *,
                                 ignore_label=ignore_label)
     images.append(image)
     labels.append(label)
-  return Dataset(images_to_uint8(np.stack(images))[..., None], np.stack(labels))
+  return _scaled(np.stack(images)[..., None], np.stack(labels))
 
 
 def isbi_as_volume(directory: str) -> Dataset:
@@ -379,40 +328,44 @@ def isbi_as_volume(directory: str) -> Dataset:
   return as_volume(load_isbi(directory))
 
 
-def as_volume(slices: Dataset) -> Dataset:
-  """A stack of N 2D examples as one (1, N, H, W, C) volume."""
-  weights = None if slices.weights is None else slices.weights[None]
-  return Dataset(slices.images[None], slices.labels[None], weights)
+def _read_tiff_stack(path: str, what: str) -> np.ndarray:
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{what} file {path} does not exist; see data/README.md for how to '
+                            'obtain the ISBI 2012 stacks')
+  array = image_files.read_image(path, what)
+  if array.ndim == 2:
+    array = array[None]
+  if array.ndim != 3:
+    raise DataError(f'{what} file {path} has shape {array.shape}; expected (slices, H, W)')
+  if array.dtype != np.uint8:
+    raise DataError(f'{what} file {path} has dtype {array.dtype}; expected uint8')
+  return array
 
 
-def split_volume_z(dataset: Dataset, val_slices: Sequence[int], *, gap: int = 0
-                   ) -> tuple[Dataset, Dataset]:
-  """Splits every volume along z into a train and a validation sub-volume.
+def isbi_labels_to_classes(labels: np.ndarray, *, path: str) -> np.ndarray:
+  """ISBI polarity (255 interior, 0 membrane) → class ids (0 interior, 1 membrane)."""
+  bad = np.setdiff1d(np.unique(labels), [0, 255])
+  if bad.size:
+    raise DataError(f'label file {path} has values {bad[:10].tolist()} outside {{0, 255}} '
+                    '(ISBI polarity: 255 = cell interior, 0 = membrane)')
+  return (labels == 0).astype(np.uint8)
 
-  A single volume cannot be split by example, so validation takes a contiguous range of
-  sections at one end (e.g. ISBI slices 25–29, as the 2D setup holds out) and training the
-  contiguous rest; both stay proper 3D volumes without jumps in z. Neighbouring sections are
-  correlated, so `gap` sections next to the validation range are dropped from training.
-  Returns images (N, D_train, H, W, C) and (N, D_val, H, W, C), labels alike.
-  """
-  if dataset.images.ndim != 5:
-    raise ValueError(f'split_volume_z needs volumes (N, D, H, W, C); got images of shape '
-                     f'{dataset.images.shape}')
-  depth = dataset.images.shape[1]
-  val = sorted(set(int(z) for z in val_slices))
-  if (not val or val[0] < 0 or val[-1] >= depth or val != list(range(val[0], val[-1] + 1))
-      or (val[0] != 0 and val[-1] != depth - 1)):
-    raise ValueError(f'config.data.val_indices={tuple(val_slices)} must be a contiguous range of '
-                     f'z slices at the start or the end of [0, {depth}), so that training keeps '
-                     'one contiguous sub-volume')
-  if gap < 0:
-    raise ValueError(f'gap={gap} must be ≥ 0')
-  train = range(val[-1] + 1 + gap, depth) if val[0] == 0 else range(0, val[0] - gap)
-  if len(train) == 0:
-    raise ValueError(f'config.data.val_indices={tuple(val_slices)} with gap={gap} leaves no '
-                     f'z slices of {depth} for training')
-  def take(z: Sequence[int]) -> Dataset:
-    window = slice(z[0], z[-1] + 1)
-    weights = None if dataset.weights is None else dataset.weights[:, window]
-    return Dataset(dataset.images[:, window], dataset.labels[:, window], weights)
-  return take(list(train)), take(val)
+
+def load_isbi(directory: str) -> Dataset:
+  """Reads the ISBI 2012 training stacks from `directory` with checks that name the file."""
+  if not directory or not os.path.isdir(directory):
+    raise FileNotFoundError(f'config.data.directory={directory!r} is not a directory; it must hold '
+                            f'{ISBI_FILES["images"]} and {ISBI_FILES["labels"]}')
+  image_path = os.path.join(directory, ISBI_FILES['images'])
+  label_path = os.path.join(directory, ISBI_FILES['labels'])
+  stack = _read_tiff_stack(image_path, 'image')
+  labels = _read_tiff_stack(label_path, 'label')
+  if stack.shape != labels.shape:
+      raise DataError(f'image file {image_path} has shape {stack.shape} but label file '
+                    f'{label_path} has shape {labels.shape}; they must match')
+  return Dataset(stack[..., None], isbi_labels_to_classes(labels, path=label_path))
+
+
+def load_procedural(config: Any) -> Dataset:
+  images, labels = procedural.make_em_like(**dict(config))
+  return Dataset(images[..., None], isbi_labels_to_classes(labels, path='<procedural>'))

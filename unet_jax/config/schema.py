@@ -1,6 +1,6 @@
 """The config's schema: field types, the name tables fields choose from, numeric ranges.
 
-`ConfigError` is the one-line error of every config check (see config_validation.validate, which
+`ConfigError` is the one-line error of every config check (see validation.validate, which
 runs `check_types` and `check_names_and_ranges` first). Names come from the tables of the
 modules that use them, so a name added there is valid here at once.
 """
@@ -15,12 +15,13 @@ from typing import Any, Callable, Mapping, Sequence
 import ml_collections
 
 from unet_jax import checkpointing
-from unet_jax import input_pipeline
-from unet_jax import optimizers
-from unet_jax import sources
-from unet_jax import train
-from unet_jax import transforms
+from unet_jax.augment import transforms
+from unet_jax.datasets import loaders
+from unet_jax.datasets import pipeline
+from unet_jax.datasets import sources
 from unet_jax.models import DTYPES, MODELS, blocks
+from unet_jax.training import loop
+from unet_jax.training import optimizers
 
 
 class ConfigError(ValueError):
@@ -106,12 +107,12 @@ FIELD_TYPES: dict[str, tuple[str, Callable[[Any], bool]]] = {
 
 # Fields whose value names one entry of a module's table (optional fields are checked if set).
 CHOICES: dict[str, Callable[[], Sequence[str]]] = {
-    'nonfinite': lambda: train.NONFINITE_POLICIES,
-    'data.source': lambda: input_pipeline.SOURCES,
-    'data.augment_on': lambda: train.AUGMENT_ON,
+    'nonfinite': lambda: loop.NONFINITE_POLICIES,
+    'data.source': lambda: tuple(sources.SOURCES),
+    'data.augment_on': lambda: pipeline.AUGMENT_ON,
     'data.crop': lambda: transforms.CROPS,
-    'data.mask_mode': lambda: sources.MASK_MODES,
-    'data.label_mode': lambda: sources.LABEL_MODES,
+    'data.mask_mode': lambda: loaders.MASK_MODES,
+    'data.label_mode': lambda: loaders.LABEL_MODES,
     'model.name': lambda: sorted(MODELS),
     'model.padding': lambda: blocks.PADDINGS,
     'model.upsample': lambda: blocks.UPSAMPLINGS,

@@ -24,11 +24,12 @@ tile and output shapes. Coordinates are in image pixels; `Tile.input` indexes th
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any, Callable, Sequence
 
 import numpy as np
+
+from unet_jax.models import whole_image
 
 BLENDS = ('gaussian', 'constant')
 
@@ -78,24 +79,15 @@ class TileGeometry:
 
 
 def geometry_for(model: Any) -> TileGeometry:
-  """The geometry of `model`: its own size methods if it has them, else the U-Net arithmetic.
-
-  Models that define `output_size(input_size)`, `valid_input_size(min_output)` and
-  `size_multiple()` describe themselves; otherwise `model.depth` and `model.padding` select the
-  formulas of `unet_jax.models.unet`.
-  """
+  """The geometry of `model` from its size contract (models/sizes.py): `output_size`,
+  `valid_input_size` and `size_multiple`."""
   methods = ('output_size', 'valid_input_size', 'size_multiple')
-  if all(callable(getattr(model, name, None)) for name in methods):
-    return TileGeometry(output_size=model.output_size, valid_input_size=model.valid_input_size,
-                        size_multiple=int(model.size_multiple()))
-  from unet_jax.models import unet  # pylint: disable=g-import-not-at-top
-  if not hasattr(model, 'depth') or not hasattr(model, 'padding'):
-    raise ValueError(f'{type(model).__name__} has neither the size methods {methods} nor the '
-                     "U-Net fields 'depth' and 'padding'; pass a TileGeometry explicitly")
-  kwargs = dict(depth=model.depth, padding=model.padding)
-  return TileGeometry(output_size=functools.partial(unet.output_size, **kwargs),
-                      valid_input_size=functools.partial(unet.valid_input_size, **kwargs),
-                      size_multiple=2**model.depth)
+  missing = [name for name in methods if not callable(getattr(model, name, None))]
+  if missing:
+    raise ValueError(f'{type(model).__name__} lacks the size methods {missing}; pass a '
+                     'TileGeometry explicitly')
+  return TileGeometry(output_size=model.output_size, valid_input_size=model.valid_input_size,
+                      size_multiple=int(model.size_multiple()))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,12 +187,7 @@ class TilePlan:
 
   def pad_image(self, image: np.ndarray) -> np.ndarray:
     """Mirror-pads `(*spatial, C)` so that every tile's input window lies inside."""
-    widths = [*self.pads, *[(0, 0)] * (image.ndim - len(self.pads))]
-    if not any(b or a for b, a in widths):
-      return image
-    # numpy's 'reflect' keeps reflecting for borders wider than the image, so any image size
-    # gets the paper's mirror extrapolation.
-    return np.pad(image, widths, mode='reflect')
+    return whole_image.mirror_pad(image, [*self.pads, *[(0, 0)] * (image.ndim - len(self.pads))])
 
 
 def plan_tiles(spatial_shape: Sequence[int], tile_shape: Sequence[int], geometry: TileGeometry,

@@ -29,9 +29,11 @@ import ml_collections
 import numpy as np
 from jax import export as jax_export
 
-from unet_jax import inference
-from unet_jax import predict
-from unet_jax import tiling
+from unet_jax import checkpointing
+from unet_jax.datasets import images as image_files
+from unet_jax.inference import tiled
+from unet_jax.inference import tiling
+from unet_jax.models import whole_image
 
 FORMAT = 'unet-jax-stablehlo/1'
 BATCH = 'b'
@@ -139,21 +141,22 @@ def run(config: ml_collections.ConfigDict, workdir: str, output_path: str, *,
   The signature file records what a caller needs besides the module: tile and output shapes,
   the mirror border, the translation step for tile placement, normalisation and class names.
   """
-  restored = predict.restore(config, workdir, checkpoint=checkpoint)
+  restored = checkpointing.restore_for_inference(config, workdir, checkpoint=checkpoint)
   tile = tile_size if tile_size is not None else config.data.crop_size
-  tile_shape = ((int(tile),) * restored.spatial_rank if isinstance(tile, (int, np.integer))
-                else tuple(int(t) for t in tile))
-  if len(tile_shape) != restored.spatial_rank:
-    raise ValueError(f'tile_size={tile!r} does not fit a {restored.spatial_rank}D model')
+  try:
+    tile_shape = whole_image.crop_shape(tile, restored.spatial_rank)
+  except ValueError:
+    raise ValueError(f'tile_size={tile!r} does not fit a {restored.spatial_rank}D model') from None
   geometry = tiling.geometry_for(restored.model)
   out_shape = [geometry.check_tile_size(t, field='tile_size') for t in tile_shape]
-  exported = export_predictor(inference.model_apply_fn(restored.model), restored.variables,
+  exported = export_predictor(tiled.model_apply_fn(restored.model), restored.variables,
                               tile_shape=tile_shape, input_channels=restored.input_channels,
                               batch_size=batch_size, platforms=platforms)
   metadata = {
       'step': restored.step, 'tile_shape': list(tile_shape), 'output_shape': out_shape,
       'border': [(t - o) // 2 for t, o in zip(tile_shape, out_shape)],
       'size_multiple': geometry.size_multiple, 'mean': config.data.mean, 'std': config.data.std,
+      'intensity_scaling': image_files.load_scaling(workdir).to_dict(),
       'class_names': list(config.data.class_names), 'model': dict(config.model),
   }
   return save(exported, output_path, metadata=json.loads(json.dumps(metadata, default=str)))

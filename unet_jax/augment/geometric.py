@@ -27,7 +27,11 @@ import grain
 import numpy as np
 from scipy import ndimage as ndi
 
+from unet_jax.augment.examples import (NEAREST_KEYS, SPATIAL_KEYS, Example, apply_spatial,
+                                       crop_start, spatial_rank)
+
 SPEC_FIELD = 'config.data.augment'
+_SPLINE_MARGIN = 12  # pixels of context for a cubic spline prefilter on a window (pole^12 ≈ 1e-7)
 
 
 def check(ok: bool, op: Any, message: str) -> None:
@@ -107,8 +111,7 @@ class GeometricOp(grain.transforms.RandomMap):
 
   def random_map(self, example: dict[str, np.ndarray], rng: np.random.Generator
                  ) -> dict[str, np.ndarray]:
-    from unet_jax import transforms  # pylint: disable=g-import-not-at-top  (it imports us)
-    return transforms.GeometricAugment((self,)).random_map(example, rng)
+    return GeometricAugment((self,)).random_map(example, rng)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -290,3 +293,135 @@ def source_coordinates(matrix, field, shape: tuple[int, ...], src_centre, xp):
   offset = matrix[:rank, rank] + xp.asarray(src_centre)
   rows = [offset[i] + sum(matrix[i, j] * y[j] for j in range(rank)) for i in range(rank)]
   return xp.stack([xp.broadcast_to(row, shape) for row in rows])
+
+
+# ----------------------------------------------------------------------------------------------
+# Host resampling: every geometric op and the crop fused into one pass over the source.
+
+
+def _mirror_index(index: np.ndarray, size: int) -> np.ndarray:
+  """Folds integer or float indices into [0, size - 1] like np.pad 'reflect' / scipy 'mirror'."""
+  if size == 1:
+    return np.zeros_like(index)
+  period = 2 * (size - 1)
+  index = np.abs(index)  # the reflection about 0
+  if index.max() >= period:
+    index = np.mod(index, period)
+  return np.where(index > size - 1, period - index, index)
+
+
+def _lattice(matrix: np.ndarray, shape: tuple[int, ...], src_centre: np.ndarray):
+  """Per-source-axis integer indices if the map is a signed axis permutation + integer offset."""
+  rank = len(shape)
+  linear, offset = matrix[:rank, :rank], matrix[:rank, rank] + src_centre
+  magnitude = np.abs(linear)
+  if not (np.isin(linear, (-1.0, 0.0, 1.0)).all() and (magnitude.sum(0) == 1).all()
+          and (magnitude.sum(1) == 1).all()):
+    return None
+  src_axes = np.argmax(magnitude, axis=0)  # output axis j reads source axis src_axes[j]
+  indices = [None] * rank
+  for j, k in enumerate(src_axes):
+    v = offset[k] + linear[k, j] * (np.arange(shape[j]) - (shape[j] - 1) / 2)
+    if not np.allclose(v, np.round(v), rtol=0, atol=1e-6):
+      return None
+    indices[k] = np.round(v).astype(np.intp)
+  return indices, src_axes
+
+
+def _gather(x: np.ndarray, indices, src_axes) -> np.ndarray:
+  for k, idx in enumerate(indices):
+    idx = _mirror_index(idx, x.shape[k])
+    step = int(idx[1] - idx[0]) if idx.size > 1 else 1
+    if abs(step) == 1 and np.array_equal(idx, idx[0] + step * np.arange(idx.size)):
+      stop = idx[-1] + step if idx[-1] + step >= 0 else None
+      x = x[(slice(None),) * k + (slice(idx[0], stop, step),)]  # a view, no copy
+    else:
+      x = np.take(x, idx, axis=k)
+  return x.transpose(*src_axes, *range(len(src_axes), x.ndim))
+
+
+def _nearest(x: np.ndarray, coords: np.ndarray) -> np.ndarray:
+  """x (*spatial, ...) at the nearest pixel to each coordinate, mirror borders."""
+  index = []
+  for c, size in zip(coords, x.shape):
+    i = np.rint(c).astype(np.intp)
+    index.append(_mirror_index(i, size) if i.min() < 0 or i.max() >= size else i)
+  return x[tuple(index)]
+
+
+def _resample(x: np.ndarray, coords: np.ndarray, order: int) -> np.ndarray:
+  """x (*spatial) at `coords` (r, *out) with spline `order` >= 1, mirror borders; float32."""
+  if order == 1:
+    return ndi.map_coordinates(x, coords, order=1, mode='mirror', output=np.float32)
+  # A spline prefilters its whole input: fold the coordinates inside the image and filter only
+  # the window they read (plus a margin), not the full padded image.
+  coords = np.stack([_mirror_index(c, s) for c, s in zip(coords, x.shape)])
+  lo = [max(int(np.floor(c.min())) - _SPLINE_MARGIN, 0) for c in coords]
+  hi = [min(int(np.ceil(c.max())) + _SPLINE_MARGIN + 1, s) for c, s in zip(coords, x.shape)]
+  window = x[tuple(slice(a, b) for a, b in zip(lo, hi))]
+  coords = coords - np.reshape(lo, (-1,) + (1,) * (coords.ndim - 1))
+  return ndi.map_coordinates(window, coords, order=order, mode='mirror', output=np.float32)
+
+
+def _cast_like(y: np.ndarray, dtype: np.dtype) -> np.ndarray:
+  if np.issubdtype(dtype, np.integer):
+    info = np.iinfo(dtype)
+    return np.clip(np.rint(y), info.min, info.max).astype(dtype)
+  return y.astype(dtype, copy=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class GeometricAugment(grain.transforms.RandomMap):
+  """Geometric `ops` and a crop of `size` fused into one resampling of the source.
+
+  size: the crop (one int per spatial dim); None keeps the example's shape. Either way the crop
+    window must fit the example, as for RandomCrop.
+  order: spline order for images and weights (0 nearest, 1 linear, 3 cubic); labels and
+    instances always use the nearest pixel.
+  foreground_class, foreground_p: with probability foreground_p the crop is centred on a pixel
+    of that label class (see crop_start).
+  """
+
+  ops: tuple[GeometricOp, ...]
+  size: tuple[int, ...] | None = None
+  order: int = 1
+  foreground_class: int = 1
+  foreground_p: float = 0.0
+
+  def random_map(self, example: Example, rng: np.random.Generator) -> Example:
+    rank, label = spatial_rank(example), example['label']
+    size = label.shape if self.size is None else tuple(self.size)
+    start = crop_start(label, size, rng, foreground_class=self.foreground_class,
+                       foreground_p=self.foreground_p)
+    draws = [(rng.random(op.num_uniform(rank)), rng.standard_normal(op.num_normal(rank)))
+             for op in self.ops]
+    return self.apply(example, draws, start=start)
+
+  def apply(self, example: Example, draws: Sequence[tuple[np.ndarray, np.ndarray]], *,
+            start: Sequence[int] | None = None) -> Example:
+    """The crop at `start` (default: origin) of the geometry drawn as `draws`: (uniform, normal)
+    random numbers per op, as random_map draws them."""
+    shape = example['label'].shape
+    size = shape if self.size is None else tuple(self.size)
+    start = (0,) * len(shape) if start is None else tuple(start)
+    draws = [(np.asarray(u, np.float64), np.asarray(z, np.float64)) for u, z in draws]
+    matrix, field = compose(self.ops, draws, shape=size, xp=np)
+    src_centre = np.asarray(start) + (np.asarray(size) - 1) / 2
+    lattice = None if field is not None else _lattice(matrix, size, src_centre)
+    if lattice is not None:
+      return apply_spatial(example, lambda x, rank: _gather(x, *lattice))
+    coords = source_coordinates(matrix, field, size, src_centre, np)
+    out = dict(example)
+    for key in SPATIAL_KEYS:
+      if key not in example:
+        continue
+      x = example[key]
+      if key in NEAREST_KEYS or self.order == 0:
+        out[key] = _nearest(x, coords)
+      elif key == 'weight':
+        y = _resample(x, coords, self.order)
+        out[key] = np.clip(y, x.min(), x.max()) if self.order > 1 else y  # no spline overshoot
+      else:
+        channels = [_resample(x[..., c], coords, self.order) for c in range(x.shape[-1])]
+        out[key] = _cast_like(np.stack(channels, axis=-1), x.dtype)
+    return out

@@ -1,7 +1,8 @@
 """Up-front validation of a whole config: every mistake that shows without data or compiling.
 
-`validate(config, mode=...)` runs before anything is built: launch.py calls it for every mode,
-sweep point and K-fold run, and `train.check_config` delegates to it. It raises `ConfigError`, a
+`validate(config, mode=...)` runs once before anything is built: launch.py calls it for a run,
+predict and export, and the drivers of runs.py for every sweep point, K-fold run and checkpoint
+evaluation; the library itself raises plain ValueErrors. It raises `ConfigError`, a
 ValueError whose message is one line that names the field, its value, what is wrong and what
 would be valid:
 
@@ -9,22 +10,19 @@ would be valid:
   config.data.crop_size=570: input size 570 is invalid (...); expected one of the nearby ...
 
 Names are checked against the tables of the modules that use them (models.MODELS,
-losses.LOSSES, transforms.OPS, optimizers.OPTIMIZERS, input_pipeline.SOURCES, …), crop sizes
+losses.LOSSES, transforms.OPS, optimizers.OPTIMIZERS, sources.SOURCES, …), crop sizes
 against the model's own size arithmetic, batch sizes against the devices of the mesh, loss
 options by tracing each loss on abstract inputs (jax.eval_shape: nothing is compiled), and
 `checkpoint.best_metric` against the names the evaluation code itself produces. What needs the
-data (label values, image shapes) is checked by the loaders (unet_jax/sources.py), which name
+data (label values, image shapes) is checked by the loaders (unet_jax/datasets/loaders.py), which name
 the offending file. `flag_error` turns a failed parse of launch.py's `--config.*` overrides into
 the same kind of line.
 """
 
 from __future__ import annotations
 
-import difflib
-import importlib.util
 import inspect
 import math
-import os
 import re
 from typing import Any, Mapping, Sequence
 
@@ -33,17 +31,18 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from unet_jax import evaluation
-from unet_jax import input_pipeline
-from unet_jax import losses
-from unet_jax import metrics
-from unet_jax import procedural
-from unet_jax import sources
-from unet_jax import train
-from unet_jax import transforms
-from unet_jax.config_schema import (ConfigError, choice_error, check_names_and_ranges,
+from unet_jax.augment import transforms
+from unet_jax.config import overrides
+from unet_jax.datasets import procedural
+from unet_jax.datasets import sources
+from unet_jax.datasets.dataset import IGNORE_CLASS
+from unet_jax.evaluation import evaluator
+from unet_jax.evaluation import metrics
+from unet_jax.training import losses
+from unet_jax.config.schema import (ConfigError, choice_error, check_names_and_ranges,
                                     check_types, did_you_mean, get, has, is_number, seq)
-from unet_jax.models import MODELS, build_model
+from unet_jax.models import MODELS, build_model, model_options
+from unet_jax.models import whole_image
 
 MODES = ('train', 'eval', 'predict', 'export')
 
@@ -51,9 +50,9 @@ MODES = ('train', 'eval', 'predict', 'export')
 def _check_classes(config: ml_collections.ConfigDict) -> int:
   """The number of classes, after checking every field that names a class id."""
   names = tuple(config.data.class_names)
-  if not 2 <= len(names) < sources.IGNORE_CLASS or len(set(names)) != len(names):
+  if not 2 <= len(names) < IGNORE_CLASS or len(set(names)) != len(names):
     raise ConfigError('config.data.class_names', names, 'is not a valid list of classes',
-                      f'2 to {sources.IGNORE_CLASS - 1} distinct names')
+                      f'2 to {IGNORE_CLASS - 1} distinct names')
   count = len(names)
   ids = {'config.data.foreground_class': (config.data.foreground_class,),
          'config.data.weight_map.object_class': (config.data.weight_map.object_class,),
@@ -80,8 +79,7 @@ def _check_classes(config: ml_collections.ConfigDict) -> int:
 def _check_model(config: ml_collections.ConfigDict, num_classes: int, spatial_rank: int):
   """The model, after checking its variant options and the crop against its size arithmetic."""
   name = config.model.name
-  constructor = MODELS[name]
-  takes = set(constructor.__dataclass_fields__) - {'parent', 'name', 'num_classes'}
+  takes = model_options(name)
   shared = {k for k in config.model.keys() if k not in MODELS} - {'name', 'dtype'}
   unknown = sorted(shared - takes)
   if unknown:
@@ -89,7 +87,7 @@ def _check_model(config: ml_collections.ConfigDict, num_classes: int, spatial_ra
                         f'the options {name!r} takes', key=unknown[0])
   # Every variant's sub-config, not only the chosen one's: a typo there bites once it is chosen.
   for variant in sorted(set(config.model.keys()) & set(MODELS)):
-    variant_takes = set(MODELS[variant].__dataclass_fields__) - {'parent', 'name', 'num_classes'}
+    variant_takes = model_options(variant)
     unknown = sorted(set(config.model[variant].keys()) - variant_takes)
     if unknown:
       raise choice_error(f'config.model.{variant}.{unknown[0]}',
@@ -102,11 +100,12 @@ def _check_model(config: ml_collections.ConfigDict, num_classes: int, spatial_ra
     raise ConfigError('config.model.name', name, f'cannot be built from config.model: {e}',
                       f'options that {name!r} accepts together') from None
   crop = config.data.crop_size
-  shape = tuple(crop) if isinstance(crop, (tuple, list)) else (crop,) * spatial_rank
-  if len(shape) != spatial_rank:
+  try:
+    shape = whole_image.crop_shape(crop, spatial_rank)
+  except ValueError:
     raise ConfigError('config.data.crop_size', crop,
-                      f'has {len(shape)} sizes but config.data.source={config.data.source!r} '
-                      f'gives {spatial_rank}D examples', f'one int or {spatial_rank} ints')
+                      f'has {len(np.ravel(crop))} sizes but config.data.source={config.data.source!r} '
+                      f'gives {spatial_rank}D examples', f'one int or {spatial_rank} ints') from None
   for size in shape:
     try:
       out = model.output_size(size)
@@ -181,7 +180,7 @@ def _check_loss(config: ml_collections.ConfigDict, model: Any, num_classes: int)
   # Tracing each term on abstract inputs runs its own checks of shapes and option values.
   logits = jax.ShapeDtypeStruct((1, 8, 8, num_classes), jnp.float32)
   labels = jax.ShapeDtypeStruct((1, 8, 8), jnp.int32)
-  ignore = None if config.data.ignore_label is None else sources.IGNORE_CLASS
+  ignore = None if config.data.ignore_label is None else IGNORE_CLASS
   for name in terms:
     kwargs = dict(options.get(name, {}), ignore_label=ignore)
     try:
@@ -214,7 +213,7 @@ def evaluation_metric_names(config: ml_collections.ConfigDict) -> list[str]:
   labels = np.zeros((1, 4, 4), np.int32)
   labels[:, 1:3, 1:3] = 1
   probabilities = np.full((1, 4, 4, len(names)), 1 / len(names), np.float32)
-  for extra in evaluation.extra_metrics(config):
+  for extra in evaluator.extra_metrics(config):
     extra.reset()
     extra.update(probabilities, labels)
     keys += list(extra.result())
@@ -257,34 +256,8 @@ def _check_data(config: ml_collections.ConfigDict, *, data_paths: bool) -> None:
                         f'2 to {count} folds')
   if not data_paths:
     return
-  if data.source in ('isbi', 'isbi_volume'):
-    missing = [f for f in input_pipeline.ISBI_FILES.values()
-               if not os.path.isfile(os.path.join(data.directory, f))]
-    if not data.directory or not os.path.isdir(data.directory) or missing:
-      raise ConfigError('config.data.directory', data.directory,
-                        f'is not a directory holding {" and ".join(missing or ["the stacks"])}'
-                        if data.directory else 'is not set',
-                        f'a directory with {" and ".join(input_pipeline.ISBI_FILES.values())} '
-                        '(see data/README.md)')
-  elif data.source == 'folder':
-    for field in ('images_dir', 'masks_dir'):
-      if not data[field] or not os.path.isdir(data[field]):
-        raise ConfigError(f'config.data.{field}', data[field], 'is not a directory',
-                          f'the folder of {field.split("s_")[0]} files (PNG or TIFF) for '
-                          "config.data.source='folder'")
-  elif data.source == 'volumes':
-    if not data.image_paths or len(data.image_paths) != len(data.label_paths):
-      raise ConfigError('config.data.label_paths', data.label_paths,
-                        f'does not pair with config.data.image_paths ({len(data.image_paths)})',
-                        'one label TIFF per image TIFF, at least one')
-    for field in ('image_paths', 'label_paths'):
-      for path in data[field]:
-        if not os.path.isfile(path):
-          raise ConfigError(f'config.data.{field}', data[field], f'names {path}, which does '
-                            'not exist', 'existing multi-page TIFF files')
-  elif data.source == 'tfds' and not os.path.isdir(data.tfds.data_dir):
-    raise ConfigError('config.data.tfds.data_dir', data.tfds.data_dir, 'is not a directory',
-                      'the TFDS data_dir holding the ArrayRecord dataset')
+  for field, value, problem, expected in sources.SOURCES[data.source].path_problems(data):
+    raise ConfigError(f'config.data.{field}', value, problem, expected)
 
 
 def _check_augment(spec: str) -> None:
@@ -320,7 +293,7 @@ def validate(config: ml_collections.ConfigDict, *, mode: str = 'train',
   check_types(config)
   check_names_and_ranges(config)
   num_classes = _check_classes(config)
-  rank = spatial_rank or train._spatial_rank(config)  # pylint: disable=protected-access
+  rank = spatial_rank or sources.spatial_rank(config.data)
   model = _check_model(config, num_classes, rank)
   _check_augment(config.data.augment)
   size = data_parallel_size(config)
@@ -335,40 +308,15 @@ def validate(config: ml_collections.ConfigDict, *, mode: str = 'train',
 def validate_points(config: ml_collections.ConfigDict, points: Sequence[Mapping[str, Any]], *,
                     mode: str = 'train') -> None:
   """Validates every point of a sweep (override dicts of dotted paths) applied to `config`."""
-  from unet_jax import runs  # pylint: disable=g-import-not-at-top  (runs imports train)
   if not points:
     raise ConfigError('sweep()', list(points), 'returned no points', 'a list of override dicts')
   for index, point in enumerate(points):
     try:
       for path, value in point.items():
-        check_path(config, path, value)
-      validate(runs.apply_overrides(config, point), mode=mode)
+        overrides.check_path(config, path, value)
+      validate(overrides.apply_overrides(config, point), mode=mode)
     except ConfigError as e:
       raise e.within(f'sweep point {index + 1} of {len(points)}: {dict(point)}') from None
-
-
-def check_path(config: ml_collections.ConfigDict, path: str, value: Any) -> None:
-  """ConfigError naming the closest fields unless the dotted `path` is a field of `config`."""
-  node, parents = config, ['config']
-  for part in path.split('.'):
-    if not hasattr(node, 'keys') or part not in node:
-      keys = sorted(node.keys()) if hasattr(node, 'keys') else []
-      close = difflib.get_close_matches(part, keys, n=3)
-      where = '.'.join(parents)
-      raise ConfigError(
-          f'config.{path}', value, f'is not a config field ({where} has no field {part!r})',
-          f'a field of {where} (closest: {", ".join(close)})' if close else
-          f'a field of {where}: {", ".join(keys) or "(it has none)"}')
-    node, parents = node[part], parents + [part]
-
-
-def load_config_file(spec: str) -> ml_collections.ConfigDict:
-  """The config of 'path/to/file.py[:arg]', as --config loads it."""
-  path, _, arg = spec.partition(':')
-  module_spec = importlib.util.spec_from_file_location('config_file', path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
 
 
 _FLAG_VALUE = re.compile(r'^flag --config\.([\w.]+)=(.*?): (.*)$', re.S)
@@ -384,11 +332,11 @@ def flag_error(error: Exception, argv: Sequence[str]) -> str:
   spec = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
   if spec is None and '--config' in argv[:-1]:
     spec = argv[argv.index('--config') + 1]
-  overrides = [a[len('--config.'):].split('=', 1) for a in argv if a.startswith('--config.')]
+  given = [a[len('--config.'):].split('=', 1) for a in argv if a.startswith('--config.')]
   config = None
   if spec:
     try:
-      config = load_config_file(spec)
+      config = overrides.load_config_file(spec)
     except Exception as e:  # pylint: disable=broad-except  (whatever the config file raised)
       return ' '.join(f'--config={spec} cannot be loaded: {type(e).__name__}: {e}'.split())
   match = _FLAG_VALUE.match(str(error))
@@ -400,9 +348,9 @@ def flag_error(error: Exception, argv: Sequence[str]) -> str:
     return str(ConfigError(f'config.{path}', raw, f'cannot be read as {kind} ({reason})',
                            f'{kind} like the config file\'s value {current!r}'))
   if config is not None:
-    for path, *value in overrides:
+    for path, *value in given:
       try:
-        check_path(config, path, value[0] if value else True)
+        overrides.check_path(config, path, value[0] if value else True)
       except ConfigError as e:
         return str(e)
   return ' '.join(str(error).split()) or type(error).__name__

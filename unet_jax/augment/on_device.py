@@ -30,9 +30,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unet_jax import geometric as G
-from unet_jax import intensity as I
-from unet_jax import transforms as T
+from unet_jax.augment import examples
+from unet_jax.augment import geometric as G
+from unet_jax.augment import intensity as I
+from unet_jax.augment import transforms as T
 
 Batch = dict[str, jax.Array]
 
@@ -74,14 +75,14 @@ def apply_geometry(example: Batch, ops: tuple[Any, ...], draws: list[Any]) -> Ba
     return jax.scipy.ndimage.map_coordinates(x, coords, order=order, mode='mirror')
 
   out = dict(example)
-  for key in T.SPATIAL_KEYS:
+  for key in examples.SPATIAL_KEYS:
     if key not in example:
       continue
     x = example[key]
     if key == 'image':
       out[key] = jax.vmap(lambda c: sample(c, 1), in_axes=-1, out_axes=-1)(x)
     else:
-      out[key] = sample(x, 0 if key in T.NEAREST_KEYS else 1)
+      out[key] = sample(x, 0 if key in examples.NEAREST_KEYS else 1)
   return out
 
 
@@ -120,7 +121,7 @@ def augment_batch(rng: jax.Array, batch: Batch, *, spec: str, mean: float = 0.0,
   """
   if not T.parse_augment(spec):
     return batch
-  spatial = {k: batch[k] for k in T.SPATIAL_KEYS if k in batch}
+  spatial = {k: batch[k] for k in examples.SPATIAL_KEYS if k in batch}
   keys = jax.random.split(rng, batch['label'].shape[0])
   fn = functools.partial(augment_example, spec=spec, mean=mean, std=std)
   return {**batch, **jax.vmap(fn)(keys, spatial)}

@@ -1,0 +1,84 @@
+"""Whole images through a model: crop sizes, mirror padding, the final head and its softmax.
+
+Every model of the family has the size contract of `sizes.SizeContract` (`output_size`,
+`valid_input_size`). This module is the one place that turns that contract into what training,
+evaluation and prediction all need:
+
+  crop_shape(crop_size, rank)      config.data.crop_size (an int or one per dim) → a tuple
+  mirror_border(model, crop)       pixels a VALID net trims from each side of a crop
+  model_padding(model, shape)      (before, after) padding so that ONE pass covers an image
+  mirror_pad(x, widths)            the one mirror rule: numpy 'reflect', also for borders
+                                   wider than the image
+  crop_to(logits, shape)           the part of the output that lies over the unpadded image
+  final_logits(outputs)            the prediction of a model with several heads: the last
+  head_probabilities(outputs)      its softmax, in float32
+
+Alignment: after `model_padding`, output pixel i lies over image pixel i, so the output is cut
+back with `crop_to` (`[:size]` along every spatial dim). For a SAME net the padding only rounds
+the size up to one the net takes (a multiple of `size_multiple()`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def crop_shape(crop_size: int | Sequence[int], spatial_rank: int) -> tuple[int, ...]:
+  """`crop_size` as one size per spatial dim (an int means a square or a cube)."""
+  if isinstance(crop_size, (tuple, list)):
+    shape = tuple(int(c) for c in crop_size)
+  else:
+    shape = (int(crop_size),) * spatial_rank
+  if len(shape) != spatial_rank:
+    raise ValueError(f'config.data.crop_size={crop_size} has {len(shape)} sizes for data with '
+                     f'{spatial_rank} spatial dims')
+  return shape
+
+
+def mirror_border(model: Any, crop: Sequence[int]) -> tuple[int, ...]:
+  """Pixels `model` trims from each side of an input of shape `crop` (0 for SAME nets)."""
+  return tuple((c - model.output_size(c)) // 2 for c in crop)
+
+
+def model_padding(model: Any, spatial_shape: Sequence[int]) -> list[tuple[int, int]]:
+  """(before, after) mirror padding per spatial dim so that ONE pass of `model` covers an image
+  of `spatial_shape`; output pixel i then lies over image pixel i."""
+  pads = []
+  for size in spatial_shape:
+    needed = model.valid_input_size(int(size))
+    border = (needed - model.output_size(needed)) // 2
+    pads.append((border, needed - int(size) - border))
+  return pads
+
+
+def mirror_pad(x: np.ndarray, widths: Sequence[tuple[int, int]]) -> np.ndarray:
+  """`x` mirrored at its borders without repeating the edge pixel (numpy 'reflect').
+
+  The paper's overlap-tile extrapolation. numpy keeps reflecting when a border is wider than
+  the axis, so images smaller than the network's border get the same rule as large ones, and
+  training crops, evaluation and tiled prediction all see the same pixels.
+  """
+  widths = [tuple(int(w) for w in pair) for pair in widths]
+  if not any(b or a for b, a in widths):
+    return x
+  return np.pad(x, widths, mode='reflect')
+
+
+def crop_to(logits: jax.Array, spatial_shape: Sequence[int]) -> jax.Array:
+  """The leading `spatial_shape` of a batched output `(N, *spatial, C)`: the part over the
+  unpadded image."""
+  return logits[(slice(None),) + tuple(slice(0, int(s)) for s in spatial_shape)]
+
+
+def final_logits(outputs: Any) -> jax.Array:
+  """The prediction of a model: its last head when it returns several (deep supervision)."""
+  return outputs[-1] if isinstance(outputs, (tuple, list)) else outputs
+
+
+def head_probabilities(outputs: Any) -> jax.Array:
+  """Softmax over classes of the final head, in float32 whatever the compute dtype."""
+  return jax.nn.softmax(final_logits(outputs).astype(jnp.float32), axis=-1)

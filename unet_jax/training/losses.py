@@ -1,0 +1,172 @@
+"""Segmentation losses by name: the LOSSES table that config.loss.terms chooses from, and
+`make_loss`, which combines weighted terms, per-term options and deep supervision.
+
+The loss functions live in pixel_losses.py (cross-entropy, binary cross-entropy, focal) and
+region_losses.py (Dice, Jaccard, Tversky, focal Tversky); they are re-exported here so that
+`losses.soft_dice_loss` and `losses.LOSSES['dice']` name the same function.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from unet_jax.training.pixel_losses import (LossFn, compute_dtype, sigmoid_binary_cross_entropy,
+                                            softmax_cross_entropy, softmax_focal_loss)
+from unet_jax.training.region_losses import (focal_tversky_loss, soft_dice_loss,
+                                             soft_jaccard_loss, tversky_loss)
+
+# The per-call keywords that make_loss passes itself; they are not term options.
+_SHARED_KEYWORDS = ('weights', 'ignore_label')
+
+LOSSES: dict[str, Callable[..., jax.Array]] = {
+    'cross_entropy': softmax_cross_entropy,
+    'binary_cross_entropy': sigmoid_binary_cross_entropy,
+    'focal': softmax_focal_loss,
+    'dice': soft_dice_loss,
+    'jaccard': soft_jaccard_loss,
+    'tversky': tversky_loss,
+    'focal_tversky': focal_tversky_loss,
+}
+
+
+def loss_options(name: str) -> tuple[str, ...]:
+  """The keyword options that `make_loss(options={name: ...})` accepts for the term `name`."""
+  parameters = inspect.signature(LOSSES[name]).parameters.values()
+  return tuple(p.name for p in parameters
+               if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in _SHARED_KEYWORDS)
+
+
+def _check_terms(terms: Mapping[str, float]) -> dict[str, float]:
+  if not terms:
+    raise ValueError(f'config.loss.terms is empty; choose from {sorted(LOSSES)}')
+  checked: dict[str, float] = {}
+  for name, weight in terms.items():
+    if name not in LOSSES:
+      raise ValueError(
+          f'config.loss.terms has unknown loss {name!r}; valid: {sorted(LOSSES)}')
+    try:
+      weight = float(weight)
+    except (TypeError, ValueError):
+      raise ValueError(
+          f'config.loss.terms[{name!r}] must be a number; got {weight!r}') from None
+    if not math.isfinite(weight) or weight < 0:
+      raise ValueError(
+          f'config.loss.terms[{name!r}] must be a finite non-negative weight; got {weight}')
+    checked[name] = weight
+  return checked
+
+
+def _check_options(options: Mapping[str, Mapping[str, Any]] | None,
+                   terms: Mapping[str, float]) -> dict[str, dict[str, Any]]:
+  checked: dict[str, dict[str, Any]] = {name: {} for name in terms}
+  for name, term_options in (options or {}).items():
+    if name not in terms:
+      raise ValueError(
+          f'config.loss.options has options for {name!r}, which is not in config.loss.terms '
+          f'{sorted(terms)}')
+    valid = loss_options(name)
+    for option, value in dict(term_options).items():
+      if option not in valid:
+        raise ValueError(
+            f'config.loss.options[{name!r}] has unknown option {option!r}; valid: '
+            f'{sorted(valid)}')
+      checked[name][option] = value
+  return checked
+
+
+def _check_head_weights(weights: Sequence[float] | None) -> tuple[float, ...] | None:
+  if weights is None:
+    return None
+  try:
+    values = tuple(float(w) for w in weights)
+  except (TypeError, ValueError):
+    values = ()
+  if (not values or not all(math.isfinite(w) and w >= 0 for w in values)
+      or sum(values) <= 0):
+    raise ValueError(
+        'config.loss.deep_supervision_weights must be finite non-negative numbers with a '
+        f'positive sum; got {list(weights)}')
+  return values
+
+
+def make_loss(
+    terms: Mapping[str, float],
+    *,
+    ignore_label: int | None = None,
+    options: Mapping[str, Mapping[str, Any]] | None = None,
+    deep_supervision_weights: Sequence[float] | None = None,
+) -> LossFn:
+  """Builds a weighted sum of the losses in `LOSSES`, optionally over several output heads.
+
+  Args:
+    terms: maps a name in `LOSSES` to its non-negative weight, e.g.
+      `{'cross_entropy': 1.0, 'dice': 0.5}`.
+    ignore_label: passed to every term.
+    options: maps a term name to its keyword options, e.g.
+      `{'focal': {'gamma': 2.0}, 'tversky': {'alpha': 0.3, 'beta': 0.7}}`; `loss_options(name)`
+      lists what a term accepts. Values are checked when the loss is first called (traced).
+    deep_supervision_weights: one non-negative weight per output head when `logits` is a
+      sequence of heads (e.g. the nested outputs of a U-Net++); they are normalised to sum 1.
+      None weighs every head equally.
+
+  Returns:
+    `loss_fn(logits, labels, *, weights=None) -> (total, parts)`. `logits` is one array
+    `(N, *spatial, C)` or a tuple/list of such arrays, one per head, all of the same shape as
+    each other and matching `labels` `(N, *spatial)`. `weights` are optional pixel weights
+    `(N, *spatial)`, used by the terms that take them (see `loss_options` and the module
+    docstring) and ignored by the others. `parts[name]` is the term's batch mean, combined over
+    heads with the normalised head weights, and `total = sum(weight * parts[name])`; all are
+    scalars.
+
+  Raises:
+    ValueError: if `terms` is empty, names a loss not in `LOSSES`, or has a negative or
+      non-finite weight; if `options` names a term not in `terms` or an option the term does not
+      take; if `deep_supervision_weights` is empty, negative, non-finite or sums to 0. At call
+      time: if the number of heads differs from `len(deep_supervision_weights)`.
+  """
+  checked = _check_terms(terms)
+  term_options = _check_options(options, checked)
+  head_weights = _check_head_weights(deep_supervision_weights)
+  takes_weights = {name: 'weights' in inspect.signature(LOSSES[name]).parameters
+                   for name in checked}
+
+  def head_parts(logits, labels, weights):
+    parts = {}
+    for name in checked:
+      kwargs = {'ignore_label': ignore_label, **term_options[name]}
+      if weights is not None and takes_weights[name]:
+        kwargs['weights'] = weights
+      parts[name] = jnp.mean(LOSSES[name](logits, labels, **kwargs))
+    return parts
+
+  def loss_fn(
+      logits: jax.Array | Sequence[jax.Array],
+      labels: jax.Array,
+      *,
+      weights: jax.Array | None = None,
+  ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    heads = list(logits) if isinstance(logits, (tuple, list)) else [logits]
+    if not heads:
+      raise ValueError('logits is an empty sequence of heads')
+    mix = head_weights or (1.0,) * len(heads)
+    if len(mix) != len(heads):
+      raise ValueError(
+          f'config.loss.deep_supervision_weights has {len(mix)} entries for {len(heads)} '
+          'output heads')
+    mix = [w / sum(mix) for w in mix]
+    dtype = compute_dtype(jnp.asarray(heads[0]))
+    parts = {name: jnp.zeros((), dtype) for name in checked}
+    for head, head_weight in zip(heads, mix):
+      for name, value in head_parts(head, labels, weights).items():
+        parts[name] = parts[name] + head_weight * value
+    total = jnp.zeros((), dtype)
+    for name, weight in checked.items():
+      total = total + weight * parts[name]
+    return total, parts
+
+  return loss_fn
