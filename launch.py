@@ -13,13 +13,16 @@ Several hosts: run the same command on every host with --distributed (Cloud TPU 
 detected by jax.distributed), or name the coordinator explicitly:
   python launch.py ... --coordinator_address=10.0.0.2:1234 --num_processes=2 --process_id=0
 
-Rerunning with the same workdir resumes from its latest checkpoint. A config mistake (a bad
---config.* override included) ends with one line `launch.py: error: config.<field>=...` and exit
-status 2, before anything is built; a checkpoint the disk refuses ends with one line and status 1.
+Rerunning with the same workdir resumes from its latest checkpoint; SIGTERM and Ctrl-C save one
+first. A config or flag mistake (a bad --config.* override included) ends with one line
+`launch.py: error: ...` and exit status 2, before anything is built. Bad data, an unusable
+workdir, a workdir another launcher holds, unreadable checkpoints, a full disk and a diverged
+run end with one line and status 1.
 """
 
 import importlib.util
 import logging
+import os
 import sys
 
 from absl import app
@@ -35,6 +38,8 @@ flags.DEFINE_enum('mode', 'train', MODES, 'train (resumes automatically), eval a
 flags.DEFINE_bool('sweep', False, "Train every point of the config file's sweep().")
 flags.DEFINE_bool('allow_config_change', False,
                   'Resume a workdir although its saved config differs from this one.')
+flags.DEFINE_bool('restart', False, 'Train from step 0 when the workdir has checkpoints but none '
+                  'is readable (they stay in checkpoints/quarantine/).')
 flags.DEFINE_string('split', 'val', 'eval mode: val, train or all.')
 flags.DEFINE_string('checkpoint', 'best', 'eval mode: best, latest or a step number.')
 flags.DEFINE_bool('distributed', False,
@@ -51,6 +56,8 @@ flags.DEFINE_float('overlap', 0.25, 'predict mode: tile overlap fraction for SAM
 flags.DEFINE_integer('min_size', 0, 'predict mode: remove components smaller than this.')
 flags.DEFINE_integer('hole_size', 0, 'predict mode: fill holes smaller than this.')
 flags.DEFINE_bool('crf', False, 'predict mode: refine 2D probabilities with a dense CRF.')
+flags.DEFINE_integer('max_pixels', 1 << 28, 'predict mode: refuse image files that claim more '
+                     'pixels than this, before decoding them.')
 config_flags.DEFINE_config_file('config', None, 'Config file, e.g. experiments/isbi.py:cpu.',
                                 lock_config=True)
 FLAGS = flags.FLAGS
@@ -63,7 +70,7 @@ def _sweep_points():
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   if not hasattr(module, 'sweep'):
-    raise app.UsageError(f'--sweep: {path} defines no sweep()')
+    raise _FlagError(f'--sweep: {path} defines no sweep()')
   return module.sweep()
 
 
@@ -103,15 +110,35 @@ def main(argv):
     jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
                                num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
   # pylint: disable-next=g-import-not-at-top  (after flag parsing and distributed setup)
-  from unet_jax import checkpointing
   from unet_jax.config import validation
   _show_project_logs()
   try:
     _run(FLAGS.config, FLAGS.workdir)
-  except validation.ConfigError as e:
+  except (validation.ConfigError, _FlagError) as e:
     _fail(str(e), 2)
-  except checkpointing.CheckpointWriteError as e:
-    _fail(str(e), 1)
+  except KeyboardInterrupt:  # inside the training loop Ctrl-C saves and returns instead
+    _fail('interrupted (Ctrl-C) before training started or after it ended; rerun to go on', 130)
+  except (ValueError, OSError, FloatingPointError) as e:
+    # Data, workdir, checkpoint and divergence errors carry their own one-line message, which
+    # names the file, field or step; UNET_JAX_TRACEBACK=1 shows where it was raised.
+    if os.environ.get('UNET_JAX_TRACEBACK'):
+      raise
+    _fail(' '.join(str(e).split()) or type(e).__name__, 1)
+
+
+class _FlagError(ValueError):
+  """A launch.py flag with an unusable value."""
+
+
+def _tile_size():
+  if FLAGS.tile_size is None:
+    return None
+  try:
+    tile = tuple(int(t) for t in FLAGS.tile_size.split(','))
+  except ValueError:
+    raise _FlagError(f'--tile_size={FLAGS.tile_size!r} is not an int or ints separated by commas '
+                     '(e.g. 572 or 64,572,572)') from None
+  return tile[0] if len(tile) == 1 else tile
 
 
 def _run(config, workdir: str) -> None:
@@ -122,19 +149,20 @@ def _run(config, workdir: str) -> None:
   from unet_jax.config import validation  # pylint: disable=g-import-not-at-top
   from unet_jax.inference import export, predict  # pylint: disable=g-import-not-at-top
   from unet_jax.training import loop  # pylint: disable=g-import-not-at-top
-  tile = None if FLAGS.tile_size is None else tuple(int(t) for t in FLAGS.tile_size.split(','))
-  tile = tile[0] if tile is not None and len(tile) == 1 else tile
+  tile = _tile_size()
   if FLAGS.mode in ('predict', 'export') and not FLAGS.output:
-    raise app.UsageError(f'--mode={FLAGS.mode} needs --output')
+    raise _FlagError(f'--mode={FLAGS.mode} needs --output (a folder for predict, a file for '
+                     'export)')
   if FLAGS.mode == 'eval':
     runs.evaluate_checkpoint(config, workdir, split=FLAGS.split, checkpoint=FLAGS.checkpoint)
   elif FLAGS.mode == 'predict':
     if not FLAGS.input:
-      raise app.UsageError('--mode=predict needs --input')
+      raise _FlagError('--mode=predict needs --input (a PNG/TIFF file or a folder of them)')
     validation.validate(config, mode='predict')
     predict.run(config, workdir, FLAGS.input, FLAGS.output, tta=FLAGS.tta,
                 checkpoint=FLAGS.checkpoint, tile_size=tile, overlap=FLAGS.overlap,
-                min_size=FLAGS.min_size, hole_size=FLAGS.hole_size, crf=FLAGS.crf)
+                min_size=FLAGS.min_size, hole_size=FLAGS.hole_size, crf=FLAGS.crf,
+                max_pixels=FLAGS.max_pixels)
   elif FLAGS.mode == 'export':
     validation.validate(config, mode='export')
     export.run(config, workdir, FLAGS.output, checkpoint=FLAGS.checkpoint, tile_size=tile)
@@ -144,7 +172,8 @@ def _run(config, workdir: str) -> None:
     runs.run_kfold(config, workdir)
   else:
     validation.validate(config)
-    loop.train_and_evaluate(config, workdir, allow_config_change=FLAGS.allow_config_change)
+    loop.train_and_evaluate(config, workdir, allow_config_change=FLAGS.allow_config_change,
+                            restart=FLAGS.restart)
 
 
 if __name__ == '__main__':

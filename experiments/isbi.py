@@ -37,6 +37,11 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   config.eval_every = 1000  # also the checkpoint period
   config.num_overlays = 5
   config.nonfinite = 'halt'  # or 'skip': drop steps whose loss or gradient is not finite
+  # A loss above loss_factor × the first step's means the run diverged: 'halt' (exit with one
+  # line, keeping the last checkpoint) or 'warn'. A collapsed prediction is always a warning.
+  config.divergence = ml_collections.ConfigDict()
+  config.divergence.policy = 'halt'
+  config.divergence.loss_factor = 10.0
 
   config.data = ml_collections.ConfigDict()
   config.data.source = 'isbi'
@@ -46,7 +51,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   config.data.folds = 0  # K ≥ 2: K runs with disjoint contiguous validation folds (launch.py)
   config.data.class_names = ('interior', 'membrane')
   config.data.crop_size = 572  # model input; a VALID net predicts its central 388×388
-  # Augmentation ops in order (see unet_jax/transforms.py OPS); geometry is fused with the crop.
+  # Augmentation ops in order (see unet_jax/augment/transforms.py OPS); geometry is fused with the crop.
   config.data.augment = ('elastic(p=0.9, sigma=10, grid=3)|rotate(p=0.5, degrees=15)|flip|rot90|'
                          'brightness(p=0.3, delta=0.1)|contrast(p=0.3, min=0.8, max=1.2)')
   config.data.augment_on = 'host'  # or 'device': the same ops inside the jitted train step
@@ -62,7 +67,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   config.data.num_workers = 0  # grain multiprocessing workers (0: threads in this process)
   config.data.num_threads = 2
   config.data.prefetch = 4
-  # Other sources (unet_jax/input_pipeline.py SOURCES); unused fields are ignored.
+  # Other sources (unet_jax/datasets/sources.py SOURCES); unused fields are ignored.
   config.data.images_dir = ''  # folder: image files
   config.data.masks_dir = ''  # folder: mask files matched by name (optionally with _mask)
   config.data.mask_mode = 'binary'  # folder: binary | classes | instances
@@ -102,7 +107,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   config.loss = ml_collections.ConfigDict()
   # The paper: pixel-weighted cross-entropy alone. Weights of further terms (e.g. dice) add them.
   config.loss.terms = ml_collections.ConfigDict({'cross_entropy': 1.0})
-  # Keyword options per term, e.g. {'focal': {'gamma': 2.0}}; see unet_jax/losses.py LOSSES.
+  # Keyword options per term, e.g. {'focal': {'gamma': 2.0}}; see unet_jax/training/losses.py LOSSES.
   config.loss.options = ml_collections.ConfigDict()
   config.loss.deep_supervision_weights = ml_collections.FieldReference(None, field_type=tuple)
 

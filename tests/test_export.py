@@ -103,3 +103,13 @@ def test_signature_errors(exported_model, tmp_path):
     json.dump(record, f)
   with pytest.raises(ValueError, match='signature'):
     export.load(bad)
+
+
+def test_jax_own_serialization_round_trips_the_artifact(exported_model):
+  """jax.export.serialize/deserialize (which need the pinned flatbuffers) take it too."""
+  path, _, reference = exported_model
+  blob = export.load(path).serialize()
+  again = jax.export.deserialize(bytearray(blob))
+  x = np.random.default_rng(7).normal(size=(2, 48, 48, 1)).astype(np.float32)
+  np.testing.assert_allclose(np.asarray(again.call(x)), np.asarray(reference(x)), rtol=1e-5,
+                             atol=1e-6)

@@ -3,6 +3,7 @@ by predict and export to inputs of any dtype."""
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -108,8 +109,11 @@ def test_a_uint16_model_predicts_the_same_masks_from_uint16_and_its_training_flo
   assert signature['metadata']['intensity_scaling'] == saved.to_dict()
 
 
-def test_the_real_uint16_nuclei_image_predicts_as_its_uint8_copy(tmp_path, nuclei_dir):
-  """img2d.tif is uint16 holding 0–235: prediction must see it exactly as training did."""
+def test_the_real_uint16_nuclei_image_predicts_as_its_uint8_copy(trained_on_uint16, tmp_path,
+                                                                  nuclei_dir):
+  """img2d.tif is uint16 holding 0–235: the rule a run fits on it keeps it as it is, and
+  prediction sees the uint16 file exactly as its uint8 copy (the old dtype-maximum rule made it
+  nearly black and predicted nothing)."""
   image = tifffile.imread(os.path.join(nuclei_dir, 'img2d.tif'))
   assert image.dtype == np.uint16 and image.max() <= 255
   for folder in ('images', 'masks'):
@@ -118,21 +122,19 @@ def test_the_real_uint16_nuclei_image_predicts_as_its_uint8_copy(tmp_path, nucle
   for i, (r, c) in enumerate([(0, 0), (0, 256), (256, 0), (256, 256)]):  # the four quadrants
     tifffile.imwrite(tmp_path / 'images' / f'q{i}.tif', image[r:r + 256, c:c + 256])
     tifffile.imwrite(tmp_path / 'masks' / f'q{i}.tif', mask[r:r + 256, c:c + 256])
-  config = quickstart.get_config('smoke')
-  config.data.source = 'folder'
-  config.data.images_dir = str(tmp_path / 'images')
-  config.data.masks_dir = str(tmp_path / 'masks')
-  config.data.mask_mode = 'instances'
-  config.data.class_names = ('background', 'nucleus')
-  config.data.val_indices = (3,)
-  config.checkpoint.best_metric = 'dice_nucleus'
-  config.eval.isbi_metrics = False
-  validation.validate(config)
-  loop.train_and_evaluate(config, str(tmp_path / 'run'))
+  config, workdir, _ = trained_on_uint16
+  folder = config.data.copy_and_resolve_references()
+  folder.images_dir, folder.masks_dir = str(tmp_path / 'images'), str(tmp_path / 'masks')
+  folder.mask_mode = 'instances'
+  fitted = sources.load_dataset(folder).scaling  # what training on the quadrants saves
+  assert fitted == image_files.IntensityScaling('uint16', 0.0, 255.0)
+  run = tmp_path / 'run'
+  shutil.copytree(workdir, run)
+  image_files.save_scaling(fitted, str(run))
   os.makedirs(tmp_path / 'in')
-  tifffile.imwrite(tmp_path / 'in' / 'as_uint16.tif', image)
-  tifffile.imwrite(tmp_path / 'in' / 'as_uint8.tif', image.astype(np.uint8))
-  predict.run(config, str(tmp_path / 'run'), str(tmp_path / 'in'), str(tmp_path / 'out'),
-              checkpoint='latest', progress=False, write_overlays=False)
+  tifffile.imwrite(tmp_path / 'in' / 'as_uint16.tif', image[:128, :128])
+  tifffile.imwrite(tmp_path / 'in' / 'as_uint8.tif', image[:128, :128].astype(np.uint8))
+  predict.run(config, str(run), str(tmp_path / 'in'), str(tmp_path / 'out'),
+              checkpoint='latest', progress=False, write_overlays=False, tile_size=64)
   np.testing.assert_array_equal(tifffile.imread(tmp_path / 'out' / 'as_uint16_probabilities.tif'),
                                 tifffile.imread(tmp_path / 'out' / 'as_uint8_probabilities.tif'))

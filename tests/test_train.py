@@ -16,6 +16,7 @@ from unet_jax.evaluation import evaluator
 from unet_jax.training import metric_writers
 from unet_jax.evaluation import metrics as metrics_lib
 from unet_jax import sharding
+from unet_jax.config import validation
 from unet_jax.training import loop
 from unet_jax.training import train_step
 from unet_jax.datasets import dataset as dataset_lib
@@ -197,8 +198,8 @@ def test_outputs_written_to_workdir(tmp_path):
 def test_bad_config_fails_before_compiling(tmp_path, field, value, message):
   config = _smoke_config()
   config[field] = value
-  with pytest.raises(ValueError, match=message):
-    loop.train_and_evaluate(config, str(tmp_path))
+  with pytest.raises(ValueError, match=message):  # as launch.py and runs.py validate first
+    validation.validate(config)
 
 
 def test_bad_crop_size_names_the_field(tmp_path):
@@ -206,7 +207,7 @@ def test_bad_crop_size_names_the_field(tmp_path):
   config.model.padding = 'VALID'
   config.data.crop_size = 45
   with pytest.raises(ValueError, match='config.data.crop_size=45: input size 45 is invalid'):
-    loop.train_and_evaluate(config, str(tmp_path))
+    validation.validate(config)
 
 
 def test_nan_loss_halts_with_the_step(tmp_path):

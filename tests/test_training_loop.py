@@ -148,11 +148,11 @@ def test_nonfinite_steps_are_skipped_when_configured():
 
 def test_bad_nonfinite_policy_and_accumulation_are_rejected(tmp_path):
   with pytest.raises(ValueError, match="config.nonfinite='ignore' is not one of"):
-    loop.train_and_evaluate(_smoke(nonfinite='ignore'), str(tmp_path))
+    validation.validate(_smoke(nonfinite='ignore'))
   config = _smoke()
   config.optimizer.grad_accum_steps = 3
   with pytest.raises(ValueError, match='grad_accum_steps=3 must be'):
-    loop.train_and_evaluate(config, str(tmp_path))
+    validation.validate(config)
 
 
 def test_early_stopping_stops_when_the_metric_stalls(tmp_path):

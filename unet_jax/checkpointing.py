@@ -32,6 +32,10 @@ from unet_jax.models import build_model
 
 BEST_MODES = ('max', 'min')
 CHECKPOINTS = ('best', 'latest')  # or a step number
+QUARANTINE = 'quarantine'  # unreadable or half-deleted steps are moved here, never deleted
+# Files every complete step directory holds (orbax metadata, the state tree, the loop record).
+STEP_FILES = ('_CHECKPOINT_METADATA', os.path.join('state', '_METADATA'),
+              os.path.join('data', 'metadata'))
 log = logging.getLogger('unet_jax')
 # errno → what it means for a checkpoint write. EFBIG also comes from a process file-size limit
 # (ulimit -f, RLIMIT_FSIZE), not only from the file system.
@@ -42,6 +46,21 @@ STORAGE_ERRNOS = {
 }
 # tensorstore reports OS errors inside its own message: "... File too large [os_error_code='27']".
 _TENSORSTORE_ERRNO = re.compile(r"os_error_code='?(\d+)")
+
+
+class _PeriodicSaveFilter(logging.Filter):
+  """Periodic saves (config.checkpoint.every) carry no metrics on purpose: they never rank
+  among the best. Orbax warns about that at every such save; the warning says nothing here."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return 'did not provide metrics' not in record.getMessage()
+
+
+logging.getLogger('absl').addFilter(_PeriodicSaveFilter())
+
+
+class CheckpointReadError(OSError):
+  """No checkpoint of a run can be read; `str()` is one line that says what to do."""
 
 
 class CheckpointWriteError(OSError):
@@ -63,6 +82,9 @@ def run_manager(config: ml_collections.ConfigDict, workdir: str, *, read_only: b
   reading the workdir of a run that is still training cannot remove the checkpoint it writes.
   """
   directory = os.path.join(workdir, 'checkpoints')
+  if not read_only and jax.process_index() == 0:
+    for step in damaged_steps(directory):
+      quarantine(directory, step, 'is incomplete (a save or deletion was cut short)')
   if read_only:
     return read_only_manager(directory, best_metric=config.checkpoint.best_metric,
                              best_mode=config.checkpoint.best_mode)
@@ -76,7 +98,8 @@ def read_only_manager(directory: str, *, best_metric: str, best_mode: str = 'max
                       ) -> ocp.CheckpointManager:
   directory = os.path.abspath(directory)
   if not os.path.isdir(directory):
-    raise FileNotFoundError(f'{directory} does not exist; train into this workdir first')
+    raise FileNotFoundError(f'no checkpoint in {directory}: it does not exist; train into this '
+                            'workdir first')
   options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0,
                                          best_fn=lambda m: m[best_metric], best_mode=best_mode)
   return ocp.CheckpointManager(directory, options=options, item_names=('state', 'data'))
@@ -123,25 +146,35 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, extra: dict[str,
     raise
 
 
-def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any
-                   ) -> tuple[Any, dict[str, Any]] | None:
+def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, *,
+                   restart: bool = False) -> tuple[Any, dict[str, Any]] | None:
   """(state, extra) of the newest readable checkpoint, or None if there is none.
 
   Orbax only renames a step directory into place once it is complete, so a write killed half
-  way is never listed. A listed checkpoint that cannot be read (corrupted on disk) is skipped
-  with a warning naming it, and the one before it is used.
+  way is never listed. A listed checkpoint that cannot be read (corrupted on disk) is moved to
+  `checkpoints/quarantine/` with a warning naming it, and the one before it is used; the run
+  then saves that step anew instead of colliding with the unreadable one. When checkpoints
+  exist but none is readable, CheckpointReadError says so, unless `restart` (start from step 0).
 
   `abstract_state` (from jax.eval_shape, with shardings) gives the tree structure and where
   every array lands, so optimizer state comes back as its own types, already sharded.
   """
-  for step in sorted(manager.all_steps(), reverse=True):
+  steps = sorted(manager.all_steps(), reverse=True)
+  for step in steps:
     try:
       return restore(manager, step, abstract_state)
     except Exception as e:  # pylint: disable=broad-except  (any unreadable file means skip it)
-      log.warning(
-          'checkpoint %s is unreadable and is skipped (%s: %s); trying the one before it',
-          os.path.join(str(manager.directory), str(step)), type(e).__name__,
-          str(e).splitlines()[0][:200] if str(e) else '')
+      reason = f'{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ""}'
+      log.warning('checkpoint %s is unreadable and is skipped (%s); trying the one before it',
+                  os.path.join(str(manager.directory), str(step)), reason)
+      if jax.process_index() == 0:
+        quarantine(str(manager.directory), step, 'is unreadable')
+      manager.reload()
+  if steps and not restart:
+    raise CheckpointReadError(
+        f'none of the {len(steps)} checkpoint(s) in {manager.directory} could be read; they were '
+        f'moved to {os.path.join(str(manager.directory), QUARANTINE)}; rerun with --restart to '
+        'train from step 0')
   return None
 
 
@@ -170,6 +203,9 @@ def choose_step(manager: ocp.CheckpointManager, which: str | int) -> int:
       return manager.latest_step()
     return best
   if str(which).isdigit() and int(which) in steps:
+    if int(which) in damaged_steps(str(manager.directory)):
+      raise CheckpointReadError(f'checkpoint {which} in {manager.directory} is incomplete (a save '
+                                'or deletion was cut short); choose another step')
     return int(which)
   raise ValueError(f'--checkpoint={which!r} is not one of {CHECKPOINTS} or a saved step '
                    f'{sorted(steps)}')
@@ -300,6 +336,27 @@ def complete_steps(directory: str) -> list[int]:
   if not os.path.isdir(directory):
     return []
   return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+
+
+def damaged_steps(directory: str) -> list[int]:
+  """Listed steps that lack a file every complete checkpoint has, e.g. a step whose deletion
+  by the retention policy was killed half way."""
+  return [step for step in complete_steps(directory)
+          if not all(os.path.exists(os.path.join(directory, str(step), name))
+                     for name in STEP_FILES)]
+
+
+def quarantine(directory: str, step: int, reason: str) -> str:
+  """Moves checkpoint `step` to `directory/quarantine/` (kept for inspection, never deleted)."""
+  target = os.path.join(directory, QUARANTINE)
+  os.makedirs(target, exist_ok=True)
+  destination, suffix = os.path.join(target, str(step)), 1
+  while os.path.exists(destination):
+    destination, suffix = os.path.join(target, f'{step}.{suffix}'), suffix + 1
+  os.rename(os.path.join(directory, str(step)), destination)
+  log.warning('checkpoint %s %s; moved to %s', os.path.join(directory, str(step)), reason,
+              destination)
+  return destination
 
 
 def _raise_if_storage_error(error: Exception, manager: ocp.CheckpointManager,

@@ -31,9 +31,12 @@ from unet_jax.evaluation import evaluator
 from unet_jax.training import loop
 from unet_jax.training import plots
 from unet_jax.training import train_step
+from unet_jax.training import workdir as workdir_lib
 
 log = logging.getLogger('unet_jax')
 SPLITS = ('val', 'train', 'all')
+# Fields that define the trained model: evaluating with other values cannot use its checkpoint.
+MODEL_FIELDS = ('model.', 'data.class_names', 'data.mean', 'data.std')
 TrainFn = Callable[[ml_collections.ConfigDict, str], dict[str, float]]
 
 
@@ -157,6 +160,12 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *, spli
   if split not in SPLITS:
     raise ValueError(f'--split={split!r} is not one of {SPLITS}')
   validation.validate(config, mode='eval')
+  # Another model than the one trained would fail deep inside the restore; say which fields.
+  changed = [d for d in workdir_lib.config_differences(config, workdir, ignore=())
+             if d.startswith(MODEL_FIELDS)]
+  if changed:
+    raise ValueError(f'the config differs from the one {workdir} was trained with '
+                     f'({"; ".join(changed[:5])}); evaluate with that config (its config.json)')
   dataset = sources.load_dataset(config.data)
   train_set, val_set = sources.split_dataset(dataset, config.data)
   subset = {'val': val_set, 'train': train_set, 'all': dataset}[split]
@@ -175,7 +184,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *, spli
       json.dump({'step': step, 'split': split, **scores}, f, indent=2, sort_keys=True)
     log.info('checkpoint %d on %s (%d examples): %s', step, split, len(subset),
              evaluator.format_scores(scores, config.data.class_names))
-    if 'isbi_rand_error' in scores:
+    if 'isbi_rand_error' in scores and config.data.source in evaluator.ISBI_SOURCES:
       log.info('ISBI 2012 metrics: %s', evaluator.paper_comparison(scores))
   manager.close()
   return scores

@@ -76,6 +76,7 @@ _MAPPING = ('a ConfigDict (name → value)', lambda v: isinstance(v, (Mapping,
 FIELD_TYPES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     'seed': _INT, 'num_steps': _INT, 'batch_size': _INT, 'eval_batch_size': _INT,
     'log_every': _INT, 'eval_every': _INT, 'num_overlays': _INT, 'nonfinite': _STR,
+    'divergence.policy': _STR, 'divergence.loss_factor': _NUMBER,
     'data.source': _STR, 'data.directory': _STR, 'data.val_indices': _INTS, 'data.val_gap': _INT,
     'data.folds': _INT, 'data.class_names': _STRS, 'data.crop_size': _INT_OR_INTS,
     'data.augment': _STR, 'data.augment_on': _STR, 'data.interpolation_order': _INT,
@@ -108,6 +109,7 @@ FIELD_TYPES: dict[str, tuple[str, Callable[[Any], bool]]] = {
 # Fields whose value names one entry of a module's table (optional fields are checked if set).
 CHOICES: dict[str, Callable[[], Sequence[str]]] = {
     'nonfinite': lambda: loop.NONFINITE_POLICIES,
+    'divergence.policy': lambda: loop.DIVERGENCE_POLICIES,
     'data.source': lambda: tuple(sources.SOURCES),
     'data.augment_on': lambda: pipeline.AUGMENT_ON,
     'data.crop': lambda: transforms.CROPS,
@@ -143,7 +145,8 @@ def _range(low: float | None = None, high: float | None = None, *, low_open: boo
 RANGES: dict[str, tuple[str, Callable[[float], bool]]] = {
     'seed': _range(0), 'num_steps': _range(1), 'batch_size': _range(1),
     'eval_batch_size': _range(1), 'log_every': _range(1), 'eval_every': _range(1),
-    'num_overlays': _range(0), 'data.val_indices': _range(0), 'data.val_gap': _range(0),
+    'num_overlays': _range(0), 'divergence.loss_factor': _range(1, low_open=True),
+    'data.val_indices': _range(0), 'data.val_gap': _range(0),
     'data.interpolation_order': _range(0, 5, high_open=False),
     'data.foreground_p': _range(0, 1, high_open=False), 'data.std': _range(0, low_open=True),
     'data.weight_map.w0': _range(0), 'data.weight_map.sigma': _range(0, low_open=True),

@@ -156,27 +156,14 @@ def _check_batches(config: ml_collections.ConfigDict, size: int) -> None:
 
 
 def _check_loss(config: ml_collections.ConfigDict, model: Any, num_classes: int) -> None:
-  terms, options = dict(config.loss.terms), config.loss.options.to_dict()
-  if not terms:
-    raise choice_error('config.loss.terms', terms, sorted(losses.LOSSES), 'the losses')
-  for name, weight in terms.items():
-    if name not in losses.LOSSES:
-      raise choice_error(f'config.loss.terms.{name}', weight, sorted(losses.LOSSES),
-                          'the losses', key=name)
-    if not (is_number(weight) and math.isfinite(weight) and weight >= 0):
-      raise ConfigError(f'config.loss.terms.{name}', weight, 'is not a valid weight',
-                        'a finite number ≥ 0')
-  if not sum(terms.values()) > 0:
-    raise ConfigError('config.loss.terms', terms, 'weighs every term 0',
-                      'at least one positive weight')
-  for name, term_options in options.items():
-    if name not in terms:
-      raise choice_error(f'config.loss.options.{name}', term_options, sorted(terms),
-                          'the terms of config.loss.terms', key=name)
-    for option in term_options:
-      if option not in losses.loss_options(name):
-        raise choice_error(f'config.loss.options.{name}.{option}', term_options[option],
-                            losses.loss_options(name), f'the options of {name!r}', key=option)
+  options = config.loss.options.to_dict()
+  try:  # the loss module's own checks, in this module's one-line form
+    terms = losses.check_terms(dict(config.loss.terms))
+    losses.check_options(options, terms)
+  except losses.LossConfigError as e:
+    if e.choices:
+      raise choice_error(e.field, e.value, e.choices, e.what, key=e.key) from None
+    raise ConfigError(e.field, e.value, e.problem, e.expected) from None
   # Tracing each term on abstract inputs runs its own checks of shapes and option values.
   logits = jax.ShapeDtypeStruct((1, 8, 8, num_classes), jnp.float32)
   labels = jax.ShapeDtypeStruct((1, 8, 8), jnp.int32)

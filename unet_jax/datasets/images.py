@@ -83,7 +83,7 @@ def read_image(path: str, what: str = 'image', *, max_pixels: int = DEFAULT_MAX_
   except DataError:
     raise
   except Exception as e:  # the readers raise many types on corrupt input
-    kind = 'PNG' if path.lower().endswith('.png') else 'TIFF'
+    kind = 'image' if path.lower().endswith('.png') else 'TIFF'
     raise DataError(f'{what} file {path} is not a readable {kind}: {type(e).__name__}: {e}'
                     ) from None
   if array.size == 0 or array.dtype.kind not in 'biuf':
@@ -92,6 +92,18 @@ def read_image(path: str, what: str = 'image', *, max_pixels: int = DEFAULT_MAX_
   if array.dtype.kind == 'f' and not np.isfinite(array).all():  # would predict NaN silently
     raise DataError(f'{what} file {path} has NaN or infinite values')
   return array
+
+
+def without_alpha(image: np.ndarray, path: str) -> np.ndarray:
+  """`(H, W, C)` without its alpha channel (RGBA, and LA for PNG): transparency is not image
+  content. What remains of a grayscale image stored as RGBA is one channel."""
+  if image.ndim != 3 or not (image.shape[-1] == 4 or
+                             (image.shape[-1] == 2 and path.lower().endswith('.png'))):
+    return image
+  image = image[..., :-1]
+  if image.shape[-1] == 3 and (image == image[..., :1]).all():
+    image = image[..., :1]
+  return image
 
 
 def check_image_dtype(array: np.ndarray, where: str) -> None:

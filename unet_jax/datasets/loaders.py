@@ -171,7 +171,7 @@ def load_folder_with_instances(images_dir: str, masks_dir: str, *, num_classes: 
   for image_path, mask_path in match_files(images_dir, masks_dir, mask_suffixes=mask_suffixes):
     image = image_files.read_image(image_path, 'image')
     image_files.check_image_dtype(image, f'image file {image_path}')
-    image = _as_hwc(image, f'image file {image_path}')
+    image = image_files.without_alpha(_as_hwc(image, f'image file {image_path}'), image_path)
     mask = _as_hw(image_files.read_image(mask_path, 'mask'), f'mask file {mask_path}')
     if first is None:
       first = (image_path, image.shape)
@@ -197,9 +197,10 @@ def load_folder(images_dir: str, masks_dir: str, *, num_classes: int, mask_mode:
   """A folder of 2D images and a folder of masks → Dataset `(N, H, W, C)`, `(N, H, W)`.
 
   Files are PNG or TIFF (.png, .tif, .tiff; other files are ignored), 8- or 16-bit, grayscale
-  (C = 1) or RGB(A) (C = 3 or 4). Image `a.png` pairs with the mask of stem `a`, `a_mask`,
-  `a_masks`, `a_label` or `a_labels` (`mask_suffixes`) in either format. All images must share
-  one shape. Intensities follow `image_files.IntensityScaling`. `mask_mode`:
+  (C = 1) or RGB (C = 3); an alpha channel is dropped (a grayscale RGBA image becomes C = 1).
+  Image `a.png` pairs with the mask of stem `a`, `a_mask`, `a_masks`, `a_label` or `a_labels`
+  (`mask_suffixes`) in either format. All images must share one shape. Intensities follow
+  `images.IntensityScaling`. `mask_mode`:
     'classes'    mask values are class ids in [0, num_classes);
     'binary'     mask > 0 is class 1 (num_classes must be 2);
     'instances'  instance ids, 0 = background → binary foreground labels (num_classes = 2);

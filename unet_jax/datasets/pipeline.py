@@ -9,6 +9,9 @@ Evaluation batches hold whole images, mirror-padded for the model (models/whole_
 
 from __future__ import annotations
 
+import os
+import threading
+import time
 from typing import Any, Iterator, Sequence
 
 import grain
@@ -71,8 +74,26 @@ def train_iterator(dataset: Dataset, data_config: Any, *, batch_size: int,
                                                  prefetch_buffer_size=data_config.prefetch))
   if data_config.num_workers > 0:
     _parse_absl_flags()
-    iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_config.num_workers))
+    iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_config.num_workers),
+                                  worker_init_fn=_exit_with_parent)
   return iter(iter_ds)
+
+
+def _exit_with_parent(worker_index: int, worker_count: int) -> None:
+  """Runs in every grain worker: the worker ends when the process that started it is gone.
+
+  A launcher killed with SIGKILL cannot stop its workers; without this they would live on,
+  each holding its share of the dataset in memory.
+  """
+  del worker_index, worker_count
+  parent = os.getppid()
+
+  def watch() -> None:
+    while os.getppid() == parent:
+      time.sleep(0.5)
+    os._exit(0)  # pylint: disable=protected-access  (no clean-up: the run it served is gone)
+
+  threading.Thread(target=watch, name='exit-with-parent', daemon=True).start()
 
 
 def _parse_absl_flags() -> None:

@@ -128,7 +128,9 @@ def extra_metrics(config: ml_collections.ConfigDict) -> list[Any]:
   return extras
 
 
-# The paper's ISBI 2012 results (hidden test set), shown next to ours (held-out training slices).
+# The paper's ISBI 2012 results (hidden test set), shown next to ours (held-out training slices)
+# for runs on the ISBI data only: on other data the comparison means nothing.
+ISBI_SOURCES = ('isbi', 'isbi_volume')
 PAPER_ISBI = {'isbi_warping_error': 0.000353, 'isbi_rand_error': 0.0382,
               'isbi_pixel_error': 0.0611}
 

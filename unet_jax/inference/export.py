@@ -12,8 +12,8 @@ Files, for `save(exported, 'model.stablehlo')`:
                          caller adds (tile geometry, normalisation, class names)
 
 `load(path)` rebuilds a `jax.export.Exported` from the two with JAX alone; `.call(x)` runs it,
-also inside `jax.jit`. jax's own `Exported.serialize()` is not used because it needs the
-optional `flatbuffers` package.
+also inside `jax.jit`. The files do not depend on jax's own `Exported.serialize()` format (which
+needs `flatbuffers`); with flatbuffers installed, `load(path).serialize()` gives that format.
 """
 
 from __future__ import annotations

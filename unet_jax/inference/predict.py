@@ -204,7 +204,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, input_path: str, output
                              'tile_size (default config.data.crop_size)')
   predictor = tiled.TiledPredictor.for_model(
       restored.model, restored.variables, geometry=geometry, tile_size=tile,
-      batch_size=batch_size or config.eval_batch_size, overlap=overlap, blend=blend, mesh=mesh)
+      batch_size=batch_size or config.eval_batch_size, overlap=overlap, blend=blend, mesh=mesh,
+      progress=progress and jax.process_index() == 0)
   chief = jax.process_index() == 0
   if chief:
     os.makedirs(output_dir, exist_ok=True)

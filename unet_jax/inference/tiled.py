@@ -100,11 +100,13 @@ class TiledPredictor:
     overlap: SAME nets only: fraction of a tile shared with its neighbour, in [0, 1).
     blend: SAME nets only: 'gaussian' or 'constant' weights in overlaps.
     mesh: a `sharding.make_mesh` mesh (default: all devices); the variables are replicated.
+    progress: show a progress bar over the tile batches of images that need more than one.
   """
 
   def __init__(self, apply_fn: ApplyFn, variables: Any, *, geometry: tiling.TileGeometry,
                tile_size: int | Sequence[int], batch_size: int = 8, overlap: float = 0.25,
-               blend: str = 'gaussian', mesh: jax.sharding.Mesh | None = None):
+               blend: str = 'gaussian', mesh: jax.sharding.Mesh | None = None,
+               progress: bool = False):
     for size in np.ravel(tile_size):
       geometry.check_tile_size(size)
     if blend not in tiling.BLENDS:
@@ -117,6 +119,7 @@ class TiledPredictor:
     self.tile_size = tile_size
     self.overlap = overlap
     self.blend = blend
+    self.progress = progress
     self.mesh = mesh if mesh is not None else sharding.make_mesh()
     self.batch_size = -(-batch_size // self.mesh.size) * self.mesh.size
     self._batch_sharding = sharding.batch_sharding(self.mesh)
@@ -184,7 +187,11 @@ class TiledPredictor:
     weights = tiling.blend_weights(plan.output_shape, self.blend) if plan.blended else None
     accumulator: dict[str, np.ndarray] = {}
     pending = None
-    for first in range(0, len(tiles), self.batch_size):
+    starts = range(0, len(tiles), self.batch_size)
+    if self.progress and len(starts) > 1:
+      from tqdm import tqdm  # pylint: disable=g-import-not-at-top  (an optional display)
+      starts = tqdm(starts, unit='batch', desc=f'{len(tiles)} tiles', leave=False)
+    for first in starts:
       chunk = tiles[first:first + self.batch_size]
       batch = np.zeros((self.batch_size, *plan.tile_shape, image.shape[-1]), np.float32)
       for i, tile in enumerate(chunk):

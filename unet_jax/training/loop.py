@@ -3,8 +3,10 @@
 `train_and_evaluate(config, workdir)` trains to `config.num_steps`, resuming from the workdir.
 It evaluates every `eval_every` steps, checkpoints with the data iterator position and the
 early-stopping record (so a resumed run continues exactly), stops early when the monitored
-metric stalls, halts on a non-finite loss (or skips such steps, `config.nonfinite`), and on
-SIGTERM saves and returns. The config is validated by the caller (launch.py, runs.py).
+metric stalls, halts on a non-finite loss (or skips such steps, `config.nonfinite`), says so
+when the run diverges (`config.divergence`), and on SIGTERM or Ctrl-C saves and returns. One
+launcher at a time holds the workdir (training/workdir.py). The config is validated by the
+caller (launch.py, runs.py).
 """
 
 from __future__ import annotations
@@ -35,23 +37,76 @@ from unet_jax.training import workdir as workdir_lib
 
 log = logging.getLogger('unet_jax')
 NONFINITE_POLICIES = ('halt', 'skip')
+DIVERGENCE_POLICIES = ('halt', 'warn')
+
+
+class DivergenceError(FloatingPointError):
+  """The loss ran far above where it started (config.divergence.policy='halt')."""
 
 
 class _StopSignal:
-  """Turns SIGTERM (preemption) into a flag the loop checks between steps."""
+  """Turns SIGTERM (preemption) and SIGINT (Ctrl-C) into a flag the loop checks between steps,
+  so both save a checkpoint and end the run cleanly."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
     self.received = threading.Event()
-    self._previous = None
+    self.name = ''
+    self._previous = {}
+
+  def _handle(self, signum, frame):
+    del frame
+    self.name = signal.Signals(signum).name
+    self.received.set()
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, lambda *_: self.received.set())
+      self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
     return self
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for s, previous in self._previous.items():
+      signal.signal(s, previous)
+
+
+class _Divergence:
+  """Says when a run diverges: the loss far above its first step's, or every validation pixel
+  predicted as one class. The first halts under policy 'halt'; the second is always a warning,
+  since an early, barely trained model may do it too."""
+
+  def __init__(self, config: ml_collections.ConfigDict, record: dict[str, Any] | None):
+    self.policy, self.factor = config.divergence.policy, config.divergence.loss_factor
+    self.class_names = tuple(config.data.class_names)
+    self.reference = (record or {}).get('reference_loss')
+
+  def first_step(self, loss: float) -> None:
+    if self.reference is None and np.isfinite(loss):
+      self.reference = float(loss)
+
+  def check_loss(self, step: int, loss: float) -> None:
+    if self.reference is None or not np.isfinite(loss):
+      return
+    if loss > self.factor * max(abs(self.reference), 1e-8):
+      message = (f'the run diverged: the loss is {loss:.6g} at step {step}, more than '
+                 f'config.divergence.loss_factor={self.factor:g} × its first step\'s '
+                 f'{self.reference:.6g}; lower config.optimizer.learning_rate or set '
+                 'config.optimizer.grad_clip_norm')
+      if self.policy == 'halt':
+        raise DivergenceError(message + ' (the last checkpoint before it is kept)')
+      log.warning(message)
+
+  def check_scores(self, step: int, scores: dict[str, float]) -> None:
+    recalls = [scores.get(f'recall_{c}') for c in self.class_names]
+    if None in recalls or sorted(recalls) != [0.0] * (len(recalls) - 1) + [1.0]:
+      return
+    only = self.class_names[recalls.index(1.0)]
+    log.warning('the model predicts every validation pixel as %r at step %d: it has collapsed '
+                '(or not yet learned); if training goes on like this, lower '
+                'config.optimizer.learning_rate', only, step)
+
+  def record(self) -> dict[str, Any]:
+    return {'reference_loss': self.reference}
 
 
 @contextlib.contextmanager
@@ -89,13 +144,23 @@ class _EarlyStopping:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       allow_config_change: bool = False) -> dict[str, float]:
+                       allow_config_change: bool = False, restart: bool = False
+                       ) -> dict[str, float]:
   """Trains to `config.num_steps` (resuming from `workdir`); returns the final validation scores.
 
-  Returns an empty dict when stopped by SIGTERM after saving a checkpoint. A workdir that holds
-  a run with another config (beyond RESUMABLE_CHANGES) is refused unless `allow_config_change`.
+  Returns an empty dict when stopped by SIGTERM or SIGINT after saving a checkpoint. A workdir
+  that holds a run with another config (beyond RESUMABLE_CHANGES) is refused unless
+  `allow_config_change`, and one that another live launcher holds is refused. `restart` trains
+  from step 0 when the workdir has checkpoints but none is readable (they are kept in
+  checkpoints/quarantine/).
   """
   workdir_lib.check_workdir(config, workdir, allow_config_change=allow_config_change)
+  with workdir_lib.WorkdirLock(workdir, enabled=jax.process_index() == 0):
+    return _train(config, workdir, restart=restart)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, *, restart: bool
+           ) -> dict[str, float]:
   chief = jax.process_index() == 0
   dataset = sources.load_dataset(config.data)
   train_set, val_set = sources.split_dataset(dataset, config.data)
@@ -108,13 +173,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       train_set, config.data, batch_size=local_batch, border=setup.border, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count())
   manager = checkpointing.run_manager(config, workdir)
-  restored = checkpointing.restore_latest(manager, setup.abstract_state)
-  loop_record = None
+  restored = checkpointing.restore_latest(manager, setup.abstract_state, restart=restart)
+  extra = {}
   if restored is not None:
     state, extra = restored
     train_iter.set_state(extra['iterator'])
-    loop_record = extra.get('early_stopping')
-  early_stopping = _EarlyStopping(config, loop_record)
+  early_stopping = _EarlyStopping(config, extra.get('early_stopping'))
+  divergence = _Divergence(config, extra.get('divergence'))
   start_step = int(state.step)
   if chief:
     os.makedirs(workdir, exist_ok=True)
@@ -132,7 +197,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   step_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
 
   def save(step, scores=None):
-    extra = {'iterator': train_iter.get_state(), 'early_stopping': early_stopping.record()}
+    extra = {'iterator': train_iter.get_state(), 'early_stopping': early_stopping.record(),
+             'divergence': divergence.record()}
     checkpointing.save(manager, step, state, extra,
                        metrics={k: v for k, v in (scores or {}).items() if np.isfinite(v)} or None)
 
@@ -142,10 +208,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   pending: list[dict[str, jax.Array]] = []
   last_time, last_step = time.perf_counter(), start_step
   stopped_early = preempted = False
-  with _StopSignal() as stop, _finish_saves_on_exit(manager):
+  # Closing the bar ends its line, so an error message starts on a line of its own.
+  with _StopSignal() as stop, _finish_saves_on_exit(manager), contextlib.closing(bar):
     for step in range(start_step + 1, config.num_steps + 1):
       state, step_metrics = step_fn(state, sharding.to_global(next(train_iter), mesh), step_rng)
       pending.append(step_metrics)
+      if step == start_step + 1:  # the first step compiled: its time is not the ETA's
+        divergence.first_step(float(jax.device_get(step_metrics['loss'])))
+        bar.unpause()
       bar.update(1)
       eval_now = step % config.eval_every == 0 or step == config.num_steps
       save_now = bool(config.checkpoint.every) and step % config.checkpoint.every == 0
@@ -161,6 +231,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
               f'loss is {summary["loss"]} at step {step} (or within the {config.log_every} steps '
               f'before it); the last good checkpoint is kept in {manager.directory}. Lower the '
               'learning rate, set config.optimizer.grad_clip_norm, or config.nonfinite="skip"')
+        divergence.check_loss(step, summary['loss'])
         writer.write_scalars(step, {f'train/{k}': v for k, v in summary.items()})
         bar.set_postfix(loss=f'{summary["loss"]:.4f}', img_s=f'{summary["images_per_second"]:.1f}')
       if eval_now:
@@ -168,6 +239,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                      extra_metrics=extras)
         writer.write_scalars(step, {f'val/{k}': v for k, v in scores.items()})
         bar.write(f'step {step}: ' + evaluator.format_scores(scores, config.data.class_names))
+        divergence.check_scores(step, scores)
         stopped_early = early_stopping.update(scores)
         save(step, scores)
         last_time = time.perf_counter()  # evaluation time is not training throughput
@@ -182,7 +254,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         if not (eval_now or save_now):
           save(step)
         preempted = True
-        log.info('SIGTERM at step %d: checkpoint saved; rerun the same command to resume', step)
+        log.info('%s at step %d: checkpoint saved; rerun the same command to resume',
+                 stop.name or 'preemption', step)
         break
   bar.close()
   checkpointing.wait(manager)
@@ -200,7 +273,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                 sort_keys=True)
     log.info('final (step %d): %s', int(state.step),
              evaluator.format_scores(scores, config.data.class_names))
-    if 'isbi_rand_error' in scores:
+    if 'isbi_rand_error' in scores and config.data.source in evaluator.ISBI_SOURCES:
       log.info('ISBI 2012 metrics on the held-out slices: %s', evaluator.paper_comparison(scores))
   plots.write_run_plots(state, setup.model, val_set, config, mesh, workdir, chief)
   writer.close()

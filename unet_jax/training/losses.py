@@ -41,40 +41,71 @@ def loss_options(name: str) -> tuple[str, ...]:
                if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in _SHARED_KEYWORDS)
 
 
-def _check_terms(terms: Mapping[str, float]) -> dict[str, float]:
+class LossConfigError(ValueError):
+  """A term, weight or option that config.loss cannot take.
+
+  `str()` is the message for callers of make_loss; the attributes let config validation write
+  its one-line error (with a did-you-mean over `choices`) from this one check.
+  """
+
+  def __init__(self, message: str, *, field: str, value: Any, problem: str, expected: str = '',
+               choices: Sequence[str] = (), what: str = '', key: str | None = None):
+    super().__init__(message)
+    self.field, self.value, self.problem, self.expected = field, value, problem, expected
+    self.choices, self.what, self.key = tuple(choices), what, key
+
+
+def check_terms(terms: Mapping[str, float]) -> dict[str, float]:
+  """`terms` with float weights; LossConfigError for an empty table, an unknown loss, a weight
+  that is not a finite number ≥ 0, or weights that are all 0."""
   if not terms:
-    raise ValueError(f'config.loss.terms is empty; choose from {sorted(LOSSES)}')
+    raise LossConfigError(f'config.loss.terms is empty; choose from {sorted(LOSSES)}',
+                          field='config.loss.terms', value=dict(terms), problem='is empty',
+                          choices=sorted(LOSSES), what='the losses')
   checked: dict[str, float] = {}
   for name, weight in terms.items():
     if name not in LOSSES:
-      raise ValueError(
-          f'config.loss.terms has unknown loss {name!r}; valid: {sorted(LOSSES)}')
+      raise LossConfigError(
+          f'config.loss.terms has unknown loss {name!r}; valid: {sorted(LOSSES)}',
+          field=f'config.loss.terms.{name}', value=weight, problem='is not a loss',
+          choices=sorted(LOSSES), what='the losses', key=name)
     try:
-      weight = float(weight)
+      number = float(weight)
     except (TypeError, ValueError):
-      raise ValueError(
-          f'config.loss.terms[{name!r}] must be a number; got {weight!r}') from None
-    if not math.isfinite(weight) or weight < 0:
-      raise ValueError(
-          f'config.loss.terms[{name!r}] must be a finite non-negative weight; got {weight}')
-    checked[name] = weight
+      number = math.nan
+    if isinstance(weight, bool) or not math.isfinite(number) or number < 0:
+      raise LossConfigError(
+          f'config.loss.terms[{name!r}] must be a finite non-negative weight; got {weight!r}',
+          field=f'config.loss.terms.{name}', value=weight, problem='is not a valid weight',
+          expected='a finite number ≥ 0')
+    checked[name] = number
+  if not sum(checked.values()) > 0:
+    raise LossConfigError(
+        f'config.loss.terms weighs every term 0: {checked}', field='config.loss.terms',
+        value=dict(terms), problem='weighs every term 0', expected='at least one positive weight')
   return checked
 
 
-def _check_options(options: Mapping[str, Mapping[str, Any]] | None,
-                   terms: Mapping[str, float]) -> dict[str, dict[str, Any]]:
+def check_options(options: Mapping[str, Mapping[str, Any]] | None,
+                  terms: Mapping[str, float]) -> dict[str, dict[str, Any]]:
+  """Options per term; LossConfigError for options of a term not in `terms`, or an option the
+  term does not take (`loss_options`)."""
   checked: dict[str, dict[str, Any]] = {name: {} for name in terms}
   for name, term_options in (options or {}).items():
     if name not in terms:
-      raise ValueError(
+      raise LossConfigError(
           f'config.loss.options has options for {name!r}, which is not in config.loss.terms '
-          f'{sorted(terms)}')
+          f'{sorted(terms)}', field=f'config.loss.options.{name}', value=term_options,
+          problem='is not a term', choices=sorted(terms),
+          what='the terms of config.loss.terms', key=name)
     valid = loss_options(name)
     for option, value in dict(term_options).items():
       if option not in valid:
-        raise ValueError(
+        raise LossConfigError(
             f'config.loss.options[{name!r}] has unknown option {option!r}; valid: '
-            f'{sorted(valid)}')
+            f'{sorted(valid)}', field=f'config.loss.options.{name}.{option}', value=value,
+            problem='is not an option', choices=valid, what=f'the options of {name!r}',
+            key=option)
       checked[name][option] = value
   return checked
 
@@ -124,13 +155,13 @@ def make_loss(
     scalars.
 
   Raises:
-    ValueError: if `terms` is empty, names a loss not in `LOSSES`, or has a negative or
-      non-finite weight; if `options` names a term not in `terms` or an option the term does not
+    ValueError: if `terms` is empty, names a loss not in `LOSSES`, has a negative or
+      non-finite weight or only zero weights (LossConfigError); if `options` names a term not in `terms` or an option the term does not
       take; if `deep_supervision_weights` is empty, negative, non-finite or sums to 0. At call
       time: if the number of heads differs from `len(deep_supervision_weights)`.
   """
-  checked = _check_terms(terms)
-  term_options = _check_options(options, checked)
+  checked = check_terms(terms)
+  term_options = check_options(options, checked)
   head_weights = _check_head_weights(deep_supervision_weights)
   takes_weights = {name: 'weights' in inspect.signature(LOSSES[name]).parameters
                    for name in checked}

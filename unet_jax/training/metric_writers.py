@@ -52,5 +52,28 @@ def progress_bar(total: int, initial: int, *, enabled: bool):
 
 
 def read_jsonl(path: str) -> list[dict]:
+  """The records of metrics.jsonl; a last line cut short by a killed process is left out."""
+  records = []
   with open(path, encoding='utf-8') as f:
-    return [json.loads(line) for line in f if line.strip()]
+    for line in f:
+      if line.strip():
+        try:
+          records.append(json.loads(line))
+        except json.JSONDecodeError:
+          if line.endswith('\n'):  # only the very last write can be cut short
+            raise
+  return records
+
+
+def latest_per_step(records: list[dict]) -> list[dict]:
+  """One record per (step, kind of scalars), the last written, in step order.
+
+  A resumed run redoes the steps after its checkpoint and appends them again; the later
+  records are the run's history, the earlier ones belong to the attempt that was cut short.
+  """
+  latest: dict[tuple[int, tuple[str, ...]], dict] = {}
+  for record in records:
+    kind = tuple(sorted(k for k in record if k not in ('step', 'time')))
+    latest.pop((record['step'], kind), None)  # re-inserted: order follows the last write
+    latest[(record['step'], kind)] = record
+  return sorted(latest.values(), key=lambda r: r['step'])

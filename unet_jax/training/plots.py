@@ -140,7 +140,7 @@ def plot_curves(metrics_jsonl_path: str, out_dir: str, *,
   """
   if not os.path.exists(metrics_jsonl_path):
     raise FileNotFoundError(f'{metrics_jsonl_path} does not exist; it is written by training')
-  series = _series(metric_writers.read_jsonl(metrics_jsonl_path))
+  series = _series(metric_writers.latest_per_step(metric_writers.read_jsonl(metrics_jsonl_path)))
   if 'train/loss' not in series:
     raise ValueError(f'{metrics_jsonl_path} has no "train/loss" values to plot; keys there: '
                      f'{sorted(series)}')

@@ -1,24 +1,119 @@
-"""The workdir of a run: writable, and holding no run of another config.
+"""The workdir of a run: writable, used by one launcher at a time, and holding no run of
+another config.
 
 A workdir remembers its config (`config.json`); resuming it with another config beyond
-RESUMABLE_CHANGES is refused unless the caller allows it.
+RESUMABLE_CHANGES is refused unless the caller allows it, and evaluating it with another config
+names the fields that differ (`config_differences`).
+
+`WorkdirLock` keeps a second launcher out: process 0 of a run creates `workdir/run.lock`
+atomically, holding its pid, host and start time, and removes it when the run ends. A lock whose
+owner is provably dead (same host, and that pid no longer runs or is another process) is taken
+over; any other lock refuses the run with one line.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import socket
+import time
 from typing import Any
 
 import jax
 import ml_collections
+
+log = logging.getLogger('unet_jax')
+LOCK_FILE = 'run.lock'
+
+
+class WorkdirBusyError(OSError):
+  """Another live launcher holds the workdir's lock; `str()` is one line naming it."""
+
+
+def _process_start(pid: int) -> str | None:
+  """The kernel's start time of `pid` (it tells a reused pid apart), or None if it runs not."""
+  try:
+    with open(f'/proc/{pid}/stat', encoding='utf-8') as f:
+      return f.read().rsplit(')', 1)[1].split()[19]
+  except (OSError, IndexError):
+    try:
+      os.kill(pid, 0)
+    except ProcessLookupError:
+      return None
+    except PermissionError:
+      pass
+    return ''  # alive; no /proc to read its start time from
+
+
+class WorkdirLock:
+  """`with WorkdirLock(workdir, enabled=chief):` holds `workdir/run.lock` for the run."""
+
+  def __init__(self, workdir: str, *, enabled: bool = True):
+    self.path = os.path.join(workdir, LOCK_FILE)
+    self.enabled = enabled
+    self._held = False
+
+  def _record(self) -> dict[str, Any]:
+    return {'pid': os.getpid(), 'host': socket.gethostname(),
+            'process_start': _process_start(os.getpid()),
+            'started': time.strftime('%Y-%m-%d %H:%M:%S %Z')}
+
+  def _owner_is_dead(self, owner: dict[str, Any]) -> bool:
+    if owner.get('host') != socket.gethostname():
+      return False  # another machine's process cannot be checked from here
+    start = _process_start(int(owner.get('pid', -1)))
+    return start is None or (bool(owner.get('process_start')) and bool(start)
+                             and start != owner['process_start'])
+
+  def acquire(self) -> None:
+    if not self.enabled:
+      return
+    for _ in range(2):
+      try:
+        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+      except FileExistsError:
+        try:
+          with open(self.path, encoding='utf-8') as f:
+            owner = json.load(f)
+        except (OSError, ValueError):
+          owner = {}  # a lock file cut short while written: its owner died at once
+        if owner and not self._owner_is_dead(owner):
+          raise WorkdirBusyError(
+              f'workdir {os.path.dirname(self.path)} is in use by pid {owner.get("pid")} on '
+              f'{owner.get("host")} since {owner.get("started")}; wait for that run, or use '
+              f'another --workdir (remove {self.path} only if that process is gone)') from None
+        log.warning('taking over %s from a run that is no longer alive (%s)', self.path,
+                    owner or 'unreadable lock')
+        os.remove(self.path)
+        continue
+      with os.fdopen(fd, 'w', encoding='utf-8') as f:
+        json.dump(self._record(), f)
+      self._held = True
+      return
+    raise WorkdirBusyError(f'{self.path} could not be taken; another launcher took it first')
+
+  def release(self) -> None:
+    if self._held:
+      self._held = False
+      try:
+        os.remove(self.path)
+      except FileNotFoundError:
+        pass
+
+  def __enter__(self) -> 'WorkdirLock':
+    self.acquire()
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.release()
 
 
 # Fields that may change between a run and its resumption: how long and how it is observed or
 # laid out, not what is trained.
 RESUMABLE_CHANGES = ('num_steps', 'log_every', 'eval_every', 'num_overlays', 'eval',
                      'data.num_workers', 'data.num_threads', 'data.prefetch', 'mesh',
-                     'checkpoint.keep_best', 'early_stopping')
+                     'checkpoint.keep_best', 'early_stopping', 'divergence')
 
 
 def _flatten(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
@@ -31,9 +126,28 @@ def _flatten(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
   return flat
 
 
+def config_differences(config: ml_collections.ConfigDict, workdir: str, *,
+                       ignore: tuple[str, ...] = RESUMABLE_CHANGES) -> list[str]:
+  """'field: saved → current' for every field where `config` differs from the workdir's saved
+  config.json (fields in `ignore` and their children aside); [] if none is saved."""
+  saved_path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(saved_path):
+    return []
+  with open(saved_path, encoding='utf-8') as f:
+    saved = _flatten(json.load(f))
+  current = _flatten(json.loads(config.to_json_best_effort()))
+  changed = sorted(k for k in saved.keys() | current.keys()
+                   if saved.get(k) != current.get(k)
+                   and not any(k == f or k.startswith(f + '.') for f in ignore))
+  return [f'{k}: {saved.get(k)!r} → {current.get(k)!r}' for k in changed]
+
+
 def check_workdir(config: ml_collections.ConfigDict, workdir: str, *,
                   allow_config_change: bool) -> None:
   """Fails early on an unwritable workdir, or on resuming a run that had another config."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise NotADirectoryError(f'--workdir={workdir} is a file, not a directory; checkpoints and '
+                             'logs go into a directory: choose another --workdir')
   try:
     os.makedirs(workdir, exist_ok=True)
     probe = os.path.join(workdir, f'.write_test_{jax.process_index()}')
@@ -43,18 +157,10 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str, *,
   except OSError as e:
     raise OSError(f'workdir {workdir} is not writable ({e.strerror}); checkpoints and logs go '
                   'there: choose another --workdir') from e
-  saved_path = os.path.join(workdir, 'config.json')
-  if allow_config_change or not os.path.exists(saved_path):
+  if allow_config_change:
     return
-  with open(saved_path, encoding='utf-8') as f:
-    saved = _flatten(json.load(f))
-  current = _flatten(json.loads(config.to_json_best_effort()))
-  changed = sorted(k for k in saved.keys() | current.keys()
-                   if saved.get(k) != current.get(k)
-                   and not any(k == f or k.startswith(f + '.') for f in RESUMABLE_CHANGES))
+  changed = config_differences(config, workdir)
   if changed:
-    details = ', '.join(f'{k}: {saved.get(k)!r} → {current.get(k)!r}' for k in changed[:5])
-    raise ValueError(f'workdir {workdir} holds a run with another config ({details}); use a new '
-                     '--workdir, or pass --allow_config_change to resume it anyway')
-
-
+    raise ValueError(f'workdir {workdir} holds a run with another config '
+                     f'({", ".join(changed[:5])}); use a new --workdir, or pass '
+                     '--allow_config_change to resume it anyway')

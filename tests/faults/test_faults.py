@@ -1,9 +1,15 @@
-"""Fault injection: kill -9, broken checkpoints, non-finite losses, a disk that fills up."""
+"""Fault injection: kill -9, broken checkpoints, non-finite losses, a disk that fills up.
+
+The rest of the catalogue is in this folder: test_runs_that_collide.py (two launchers, eval
+next to training, Ctrl-C, orphaned workers, sweeps) and test_bad_input.py (one-line errors,
+damaged files, divergence, resumed logs).
+"""
 
 import errno
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +26,7 @@ from unet_jax.training import metric_writers
 from unet_jax.training import loop
 from unet_jax.training import train_step
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RUN = ['--config.num_steps=20', '--config.eval_every=10', '--config.log_every=1',
        '--config.checkpoint.every=2', '--config.num_overlays=0']
 
@@ -79,8 +85,22 @@ def _trained(tmp_path, **overrides):
   config = quickstart.get_config('smoke')
   config.update(dict(num_steps=6, eval_every=6, num_overlays=0, **overrides))
   config.checkpoint.every = 2
+  config.checkpoint.keep_latest = 3  # steps 2, 4 and 6 stay
   loop.train_and_evaluate(config, str(tmp_path))
   return config
+
+
+@pytest.fixture(scope='module')
+def trained_run(tmp_path_factory):
+  """One 6-step run, trained once; each test damages a copy of it."""
+  path = tmp_path_factory.mktemp('trained') / 'run'
+  return _trained(path), path
+
+
+def _copy(trained_run, tmp_path):
+  config, source = trained_run
+  shutil.copytree(source, tmp_path, dirs_exist_ok=True)
+  return config.copy_and_resolve_references()
 
 
 def _restore_latest(config, workdir):
@@ -89,8 +109,8 @@ def _restore_latest(config, workdir):
                                       setup.abstract_state)
 
 
-def test_a_half_written_checkpoint_is_ignored(tmp_path):
-  config = _trained(tmp_path)
+def test_a_half_written_checkpoint_is_ignored(trained_run, tmp_path):
+  config = _copy(trained_run, tmp_path)
   partial = tmp_path / 'checkpoints' / '8.orbax-checkpoint-tmp-1234'
   (partial / 'state').mkdir(parents=True)
   (partial / 'state' / 'garbage').write_bytes(os.urandom(100))
@@ -98,18 +118,61 @@ def test_a_half_written_checkpoint_is_ignored(tmp_path):
   assert int(state.step) == 6
 
 
-def test_a_corrupted_latest_checkpoint_is_skipped_with_a_warning(tmp_path, caplog):
-  config = _trained(tmp_path)
-  latest = tmp_path / 'checkpoints' / '6' / 'state'
-  for root, _, files in os.walk(latest):
+def _corrupt(step_dir):
+  for root, _, files in os.walk(step_dir / 'state'):
     for name in files:
       with open(os.path.join(root, name), 'wb') as f:
         f.write(b'\x00corrupt')
+
+
+def test_a_corrupted_latest_checkpoint_is_moved_aside_and_the_run_resumes_past_it(
+    trained_run, tmp_path, caplog):
+  config = _copy(trained_run, tmp_path)
+  _corrupt(tmp_path / 'checkpoints' / '6')
   with caplog.at_level('WARNING', logger='unet_jax'):
     state, _ = _restore_latest(config, tmp_path)
   assert int(state.step) == 4
   assert any('checkpoints/6 is unreadable and is skipped' in r.getMessage()
              for r in caplog.records)
+  # Kept for inspection, out of the way: the resumed run saves step 6 anew.
+  assert (tmp_path / 'checkpoints' / 'quarantine' / '6' / 'state').is_dir()
+  assert checkpointing.complete_steps(str(tmp_path / 'checkpoints')) == [2, 4]
+  config.num_steps = 8
+  scores = loop.train_and_evaluate(config, str(tmp_path))
+  assert json.load(open(tmp_path / 'final_metrics.json'))['step'] == 8 and scores
+
+
+def test_when_no_checkpoint_is_readable_the_run_stops_unless_restarted(trained_run, tmp_path):
+  config = _copy(trained_run, tmp_path)
+  for step in checkpointing.complete_steps(str(tmp_path / 'checkpoints')):
+    _corrupt(tmp_path / 'checkpoints' / str(step))
+  with pytest.raises(checkpointing.CheckpointReadError, match='rerun with --restart'):
+    loop.train_and_evaluate(config, str(tmp_path))
+  quarantined = sorted(os.listdir(tmp_path / 'checkpoints' / 'quarantine'))
+  assert quarantined == ['2', '4', '6']
+  scores = loop.train_and_evaluate(config, str(tmp_path), restart=True)
+  assert scores and json.load(open(tmp_path / 'final_metrics.json'))['step'] == 6
+
+
+def test_a_half_deleted_old_checkpoint_is_moved_aside_not_listed(trained_run, tmp_path):
+  config = _copy(trained_run, tmp_path)
+  # kill -9 while the retention policy deleted step 2: part of its files are gone.
+  os.remove(tmp_path / 'checkpoints' / '2' / '_CHECKPOINT_METADATA')
+  process = subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'launch.py'), '--mode=eval', '--checkpoint=2',
+       '--config=' + os.path.join(ROOT, 'experiments/quickstart.py') + ':smoke',
+       f'--workdir={tmp_path}', '--config.num_steps=6', '--config.eval_every=6',
+       '--config.num_overlays=0', '--config.checkpoint.every=2',
+       '--config.checkpoint.keep_latest=3'],
+      cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert process.returncode == 1, process.stderr[-2000:]
+  assert process.stderr.strip().splitlines()[-1] == (
+      f'launch.py: error: checkpoint 2 in {tmp_path}/checkpoints is incomplete (a save or '
+      'deletion was cut short); choose another step')
+  manager = checkpointing.run_manager(config, str(tmp_path))  # a training run clears it away
+  assert manager.all_steps() == [4, 6]
+  assert (tmp_path / 'checkpoints' / 'quarantine' / '2').is_dir()
+  manager.close()
 
 
 def test_a_nan_loss_never_reaches_a_checkpoint(tmp_path, monkeypatch):
