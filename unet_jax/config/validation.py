@@ -161,7 +161,7 @@ def _check_loss(config: ml_collections.ConfigDict, model: Any, num_classes: int)
     terms = losses.check_terms(dict(config.loss.terms))
     losses.check_options(options, terms)
   except losses.LossConfigError as e:
-    if e.choices:
+    if e.what:  # a name that is not among the valid ones (possibly none)
       raise choice_error(e.field, e.value, e.choices, e.what, key=e.key) from None
     raise ConfigError(e.field, e.value, e.problem, e.expected) from None
   # Tracing each term on abstract inputs runs its own checks of shapes and option values.
