@@ -11,18 +11,7 @@ from unet_jax.models import UNet, build_model
 from unet_jax.models import blocks
 import ml_collections
 
-
-# The size arithmetic of a plain U-Net, through the models' size contract.
-def output_size(size, *, depth, padding):
-  return UNet(depth=depth, padding=padding).output_size(size)
-
-
-def valid_input_size(min_output, *, depth, padding):
-  return UNet(depth=depth, padding=padding).valid_input_size(min_output)
-
-
-def valid_input_sizes(*, depth, count=5, start=1):
-  return UNet(depth=depth, padding='VALID').valid_input_sizes(count, start)
+from unet_sizes import output_size, valid_input_size, valid_input_sizes
 
 
 def _param_count(model, shape):
