@@ -8,6 +8,13 @@ r"""The one entry point: train (default), evaluate or predict with a config and 
   python launch.py --mode=export --config=... --workdir=... --output=predictor.stablehlo
   python launch.py --config=experiments/isbi.py:cpu --workdir=runs/sweep --sweep
   python launch.py --config=experiments/isbi.py:cpu --workdir=runs/cv --config.data.folds=5
+  python launch.py --mode=compile --config=experiments/isbi.py --topology=v5e:4x4 \
+      --config.batch_size=128 --config.model.dtype=bfloat16
+
+Compile mode builds the train, eval and tiled-prediction programs of a run for a TPU slice or
+NVIDIA GPUs (--topology=h100:8) on this machine (pip install -r requirements-aot.txt), reads no
+data, and prints per-chip memory, FLOPs, a roofline bound and the compile time; a program that
+does not fit ends with one line naming the change that makes it fit.
 
 Several hosts: run the same command on every host with --distributed (Cloud TPU and SLURM are
 detected by jax.distributed), or name the coordinator explicitly:
@@ -30,11 +37,12 @@ from absl import flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-MODES = ('train', 'eval', 'predict', 'export')
-flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and predictions.',
-                    required=True)
+MODES = ('train', 'eval', 'predict', 'export', 'compile')
+flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and predictions (compile '
+                    'mode: optional, gets compile_<topology>.json).')
 flags.DEFINE_enum('mode', 'train', MODES, 'train (resumes automatically), eval a checkpoint, '
-                  'predict images with it, or export it as StableHLO.')
+                  'predict images with it, export it as StableHLO, or compile the programs of a '
+                  'run for --topology ahead of time.')
 flags.DEFINE_bool('sweep', False, "Train every point of the config file's sweep().")
 flags.DEFINE_bool('allow_config_change', False,
                   'Resume a workdir although its saved config differs from this one.')
@@ -58,6 +66,17 @@ flags.DEFINE_integer('hole_size', 0, 'predict mode: fill holes smaller than this
 flags.DEFINE_bool('crf', False, 'predict mode: refine 2D probabilities with a dense CRF.')
 flags.DEFINE_integer('max_pixels', 1 << 28, 'predict mode: refuse image files that claim more '
                      'pixels than this, before decoding them.')
+flags.DEFINE_string('topology', None, 'compile mode: a TPU slice, GENERATION:AxB[xC], e.g. '
+                    'v5e:4x4, v5p:2x2x2, v6e:2x4; or NVIDIA GPUs, GPU:N or GPU:HOSTSxN, e.g. '
+                    'h100:8, a100:2x8.')
+flags.DEFINE_integer('num_slices', 1, 'compile mode: slices of --topology (multislice).')
+flags.DEFINE_string('image_size', None, 'compile mode: spatial size of evaluation images, e.g. '
+                    '512,512 (default: what config.data.source fixes, else the crop size).')
+flags.DEFINE_float('memory_limit_gib', None, 'compile mode: memory a program may use per chip '
+                   '(default: a TPU\'s HBM, as its compiler enforces it; the 75% of a GPU\'s '
+                   'that JAX preallocates).')
+flags.DEFINE_integer('channels', None, 'compile mode: image channels (default: what '
+                     'config.data.source fixes, else 1).')
 config_flags.DEFINE_config_file('config', None, 'Config file, e.g. experiments/isbi.py:cpu.',
                                 lock_config=True)
 FLAGS = flags.FLAGS
@@ -104,6 +123,13 @@ def _parse_flags(argv: list[str]) -> list[str]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if FLAGS.mode == 'compile':
+    # The programs are built for the target's abstract devices; this host computes nothing, so
+    # its own backend is the CPU, and libtpu must not look for a TPU or a metadata server.
+    os.environ['JAX_PLATFORMS'] = 'cpu'
+    os.environ.setdefault('TPU_SKIP_MDS_QUERY', '1')
+  elif not FLAGS.workdir:
+    _fail(f'--mode={FLAGS.mode} needs --workdir', 2)
   if FLAGS.distributed or FLAGS.coordinator_address:
     import jax  # pylint: disable=g-import-not-at-top
     # Before anything touches a device: every process must join first.
@@ -153,7 +179,9 @@ def _run(config, workdir: str) -> None:
   if FLAGS.mode in ('predict', 'export') and not FLAGS.output:
     raise _FlagError(f'--mode={FLAGS.mode} needs --output (a folder for predict, a file for '
                      'export)')
-  if FLAGS.mode == 'eval':
+  if FLAGS.mode == 'compile':
+    _compile(config, workdir)
+  elif FLAGS.mode == 'eval':
     runs.evaluate_checkpoint(config, workdir, split=FLAGS.split, checkpoint=FLAGS.checkpoint)
   elif FLAGS.mode == 'predict':
     if not FLAGS.input:
@@ -174,6 +202,55 @@ def _run(config, workdir: str) -> None:
     validation.validate(config)
     loop.train_and_evaluate(config, workdir, allow_config_change=FLAGS.allow_config_change,
                             restart=FLAGS.restart)
+
+
+def _compile(config, workdir: str | None) -> None:
+  """--mode=compile: the run's programs compiled for --topology, a per-chip table on stdout."""
+  # pylint: disable=g-import-not-at-top  (after flag parsing and the platform choice)
+  from unet_jax.aot import programs, report, targets
+  from unet_jax.config import validation
+  from unet_jax.datasets import sources
+  # pylint: enable=g-import-not-at-top
+  if not FLAGS.topology:
+    raise _FlagError('--mode=compile needs --topology, e.g. v5e:4x4 (TPU generations: '
+                     f'{", ".join(targets.TPU_GENERATIONS)}) or h100:8 (GPUs: '
+                     f'{", ".join(targets.GPUS)})')
+  try:
+    target = targets.target(FLAGS.topology, num_slices=FLAGS.num_slices)
+  except targets.TargetError as e:
+    raise _FlagError(str(e)) from None
+  rank = sources.spatial_rank(config.data)
+  validation.validate(config, mode='compile', devices=target.devices)
+  fixed = sources.example_shape(config.data)
+  if FLAGS.image_size:
+    try:
+      image = tuple(int(n) for n in FLAGS.image_size.split(','))
+    except ValueError:
+      raise _FlagError(f'--image_size={FLAGS.image_size!r} is not ints separated by commas') \
+          from None
+    if len(image) != rank:
+      raise _FlagError(f'--image_size={FLAGS.image_size!r} has {len(image)} dims; '
+                       f'config.data.source={config.data.source!r} has {rank}')
+  elif fixed:
+    image = fixed[0]
+  else:
+    image = (config.data.crop_size,) * rank if isinstance(config.data.crop_size, int) \
+        else tuple(config.data.crop_size)
+    print(f'evaluation images taken as {image} (config.data.source={config.data.source!r} does '
+          'not fix their size; --image_size sets it)')
+  channels = FLAGS.channels or (fixed[1] if fixed else 1)
+  if FLAGS.memory_limit_gib is not None and FLAGS.memory_limit_gib <= 0:
+    raise _FlagError(f'--memory_limit_gib={FLAGS.memory_limit_gib} must be > 0')
+  rows = report.compile_for_target(
+      config, target, shapes=programs.Shapes(image, channels), spatial_rank=rank,
+      memory_limit=None if FLAGS.memory_limit_gib is None else FLAGS.memory_limit_gib * 2**30)
+  print(report.table(rows, target))
+  if workdir:
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, f'compile_{target.name.replace(":", "_")}.json')
+    with open(path, 'w', encoding='utf-8') as f:
+      f.write(report.to_json(rows, target))
+    print(f'saved {path}')
 
 
 if __name__ == '__main__':

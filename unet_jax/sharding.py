@@ -9,7 +9,7 @@ CPU devices and a multi-host TPU slice: each process hands over only its local s
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -20,9 +20,14 @@ FSDP_AXIS = 'fsdp'
 BATCH_AXES = (DATA_AXIS, FSDP_AXIS)
 
 
-def make_mesh(data: int = -1, fsdp: int = 1) -> Mesh:
-  """A ('data', 'fsdp') mesh; data=-1 takes every device left after fsdp (across processes)."""
-  available = jax.device_count()
+def make_mesh(data: int = -1, fsdp: int = 1, *, devices: Sequence[Any] | None = None) -> Mesh:
+  """A ('data', 'fsdp') mesh; data=-1 takes every device left after fsdp (across processes).
+
+  `devices` defaults to `jax.devices()`; ahead-of-time compilation passes a target's abstract
+  devices (unet_jax/aot/targets.py).
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  available = len(devices)
   if fsdp < 1 or available % fsdp:
     raise ValueError(f'config.mesh.fsdp={fsdp} must be ≥ 1 and divide the {available} devices')
   data = available // fsdp if data == -1 else data
@@ -31,7 +36,7 @@ def make_mesh(data: int = -1, fsdp: int = 1) -> Mesh:
                      f'devices but {available} are available (data=-1 uses all)')
   # jax.devices() lists each process's devices together, so 'fsdp' groups stay within a host
   # where possible and the all-gathers of fsdp use the fastest links.
-  devices = np.asarray(jax.devices()[:data * fsdp]).reshape(data, fsdp)
+  devices = np.asarray(devices[:data * fsdp]).reshape(data, fsdp)
   return Mesh(devices, (DATA_AXIS, FSDP_AXIS))
 
 
@@ -67,16 +72,22 @@ def state_shardings(abstract_state: Any, mesh: Mesh) -> Any:
   return jax.tree.map(lambda x: param_sharding(x.shape, mesh), abstract_state)
 
 
+def process_count(mesh: Mesh) -> int:
+  """How many processes (hosts) hold the devices of `mesh`."""
+  return len({d.process_index for d in mesh.devices.flat})
+
+
 def check_batch_size(global_batch: int, mesh: Mesh, *, field: str) -> int:
-  """Returns this process's share of `global_batch`, or a clear error naming `field`."""
+  """Returns each process's share of `global_batch`, or a clear error naming `field`."""
   size = mesh.shape[DATA_AXIS] * mesh.shape[FSDP_AXIS]
   if global_batch < 1 or global_batch % size:
     raise ValueError(f'{field}={global_batch} must be a positive multiple of the number of '
                      f'devices the batch is split over, {size} (mesh data × fsdp)')
-  if global_batch % jax.process_count():
+  processes = process_count(mesh)
+  if global_batch % processes:
     raise ValueError(f'{field}={global_batch} must be divisible by the number of processes '
-                     f'{jax.process_count()}')
-  return global_batch // jax.process_count()
+                     f'{processes}')
+  return global_batch // processes
 
 
 def to_global(batch: Any, mesh: Mesh) -> Any:

@@ -44,7 +44,7 @@ from unet_jax.config.schema import (ConfigError, choice_error, check_names_and_r
 from unet_jax.models import MODELS, build_model, model_options
 from unet_jax.models import whole_image
 
-MODES = ('train', 'eval', 'predict', 'export')
+MODES = ('train', 'eval', 'predict', 'export', 'compile')
 
 
 def _check_classes(config: ml_collections.ConfigDict) -> int:
@@ -122,9 +122,12 @@ def _check_model(config: ml_collections.ConfigDict, num_classes: int, spatial_ra
   return model
 
 
-def data_parallel_size(config: ml_collections.ConfigDict) -> int:
-  """Devices the batch is split over (config.mesh.data × config.mesh.fsdp), as make_mesh counts."""
-  available, fsdp, data = jax.device_count(), config.mesh.fsdp, config.mesh.data
+def data_parallel_size(config: ml_collections.ConfigDict,
+                       devices: Sequence[Any] | None = None) -> int:
+  """Devices the batch is split over (config.mesh.data × config.mesh.fsdp), as make_mesh counts
+  them among `devices` (default: jax.devices())."""
+  available = jax.device_count() if devices is None else len(devices)
+  fsdp, data = config.mesh.fsdp, config.mesh.data
   if available % fsdp:
     raise ConfigError('config.mesh.fsdp', fsdp, f'does not divide the {available} devices',
                       f'a divisor of {available}')
@@ -136,8 +139,7 @@ def data_parallel_size(config: ml_collections.ConfigDict) -> int:
   return data * fsdp
 
 
-def _check_batches(config: ml_collections.ConfigDict, size: int) -> None:
-  processes = jax.process_count()
+def _check_batches(config: ml_collections.ConfigDict, size: int, processes: int) -> None:
   unit = size * processes // math.gcd(size, processes)
   over = f'{size} devices the batch is split over (config.mesh.data × config.mesh.fsdp)' + (
       f' and of the {processes} processes' if processes > 1 else '')
@@ -265,15 +267,19 @@ def _check_augment(spec: str) -> None:
 
 
 def validate(config: ml_collections.ConfigDict, *, mode: str = 'train',
-             spatial_rank: int | None = None, data_paths: bool = True) -> None:
+             spatial_rank: int | None = None, data_paths: bool = True,
+             devices: Sequence[Any] | None = None) -> None:
   """Raises ConfigError for the first mistake in `config`; loads no data, compiles nothing.
 
   Args:
     config: a whole config (see experiments/isbi.py).
     mode: one of MODES. 'predict' and 'export' read no data and use no training batches, so
-      data paths and batch sizes are not checked for them.
+      data paths and batch sizes are not checked for them; 'compile' checks the batches against
+      `devices` and reads no data.
     spatial_rank: 2 or 3; default from config.data.source.
     data_paths: check that the source's files and folders exist (train and eval).
+    devices: the devices the run will use (default: jax.devices()); ahead-of-time compiles pass
+      the target's.
   """
   if mode not in MODES:
     raise ValueError(f'mode={mode!r} is not one of {MODES}')
@@ -283,13 +289,14 @@ def validate(config: ml_collections.ConfigDict, *, mode: str = 'train',
   rank = spatial_rank or sources.spatial_rank(config.data)
   model = _check_model(config, num_classes, rank)
   _check_augment(config.data.augment)
-  size = data_parallel_size(config)
-  training = mode in ('train', 'eval')
-  if training:
-    _check_batches(config, size)
+  size = data_parallel_size(config, devices)
+  if mode in ('train', 'eval', 'compile'):
+    processes = (jax.process_count() if devices is None
+                 else len({d.process_index for d in devices}))
+    _check_batches(config, size, processes)
   _check_loss(config, model, num_classes)
   _check_metric(config)
-  _check_data(config, data_paths=data_paths and training)
+  _check_data(config, data_paths=data_paths and mode in ('train', 'eval'))
 
 
 def validate_points(config: ml_collections.ConfigDict, points: Sequence[Mapping[str, Any]], *,

@@ -29,6 +29,7 @@ from unet_jax.datasets.dataset import IGNORE_CLASS, DataError, Dataset, as_volum
 
 
 ISBI_FILES = {'images': 'train-volume.tif', 'labels': 'train-labels.tif'}
+ISBI_SHAPE = (30, 512, 512)  # the challenge's training stack: slices, height, width
 MASK_MODES = ('classes', 'binary', 'instances')
 LABEL_MODES = ('isbi', 'classes')
 MASK_SUFFIXES = ('', '_mask', '_masks', '_label', '_labels')

@@ -103,6 +103,29 @@ def _parse_absl_flags() -> None:
     flags.FLAGS(['unet_jax'], known_only=True)
 
 
+BatchSpec = dict[str, tuple[tuple[int, ...], np.dtype]]
+
+
+def train_batch_spec(data_config: Any, *, batch_size: int, spatial_rank: int, channels: int
+                     ) -> BatchSpec:
+  """Shape and dtype of every array of the batches `train_iterator` yields, without data: what
+  an ahead-of-time compile of the train step is given."""
+  crop = whole_image.crop_shape(data_config.crop_size, spatial_rank)
+  spec = {'image': ((batch_size, *crop, channels), np.dtype(np.float32)),
+          'label': ((batch_size, *crop), np.dtype(np.int32))}
+  if data_config.weight_map.enabled:
+    spec['weight'] = ((batch_size, *crop), np.dtype(np.float32))
+  return spec
+
+
+def eval_batch_spec(spatial_shape: Sequence[int], *, batch_size: int,
+                    pads: Sequence[tuple[int, int]], channels: int) -> BatchSpec:
+  """Shape and dtype of the batches `eval_batches` yields for images of `spatial_shape`."""
+  padded = tuple(n + a + b for n, (a, b) in zip(spatial_shape, pads))
+  return {'image': ((batch_size, *padded, channels), np.dtype(np.float32)),
+          'label': ((batch_size, *spatial_shape), np.dtype(np.int32))}
+
+
 def eval_batches(dataset: Dataset, *, batch_size: int, pads: Sequence[tuple[int, int]], mean: float,
                  std: float, process_index: int = 0, process_count: int = 1
                  ) -> Iterator[dict[str, np.ndarray]]:

@@ -46,14 +46,24 @@ def _split_by_z(dataset: Dataset, data: Any) -> tuple[Dataset, Dataset]:
   return split_volume_z(dataset, data.val_indices, gap=data.val_gap)
 
 
+def _any_shape(data: Any) -> None:
+  del data
+
+
+# (spatial shape of every example, channels)
+ExampleShape = tuple[tuple[int, ...], int]
+
+
 @dataclasses.dataclass(frozen=True)
 class Source:
-  """One data source: its spatial rank, loader, train/val split and required paths."""
+  """One data source: its spatial rank, loader, train/val split and required paths, and the
+  shape of its examples where the source fixes it (None: it depends on the files)."""
 
   spatial_rank: int
   load: Callable[[Any], Dataset]
   path_problems: Callable[[Any], list[PathProblem]] = _no_paths
   split: Callable[[Dataset, Any], tuple[Dataset, Dataset]] = _split_by_index
+  example_shape: Callable[[Any], ExampleShape | None] = _any_shape
 
 
 def _isbi_paths(data: Any) -> list[PathProblem]:
@@ -95,10 +105,13 @@ def _tfds_paths(data: Any) -> list[PathProblem]:
 
 
 SOURCES: dict[str, Source] = {
-    'procedural': Source(2, lambda data: loaders.load_procedural(data.procedural)),
-    'isbi': Source(2, lambda data: loaders.load_isbi(data.directory), _isbi_paths),
+    'procedural': Source(2, lambda data: loaders.load_procedural(data.procedural),
+                         example_shape=lambda data: ((data.procedural.size,) * 2, 1)),
+    'isbi': Source(2, lambda data: loaders.load_isbi(data.directory), _isbi_paths,
+                   example_shape=lambda data: (loaders.ISBI_SHAPE[1:], 1)),
     'isbi_volume': Source(3, lambda data: as_volume(loaders.load_isbi(data.directory)),
-                          _isbi_paths, _split_by_z),
+                          _isbi_paths, _split_by_z,
+                          example_shape=lambda data: (loaders.ISBI_SHAPE, 1)),
     'folder': Source(2, lambda data: loaders.load_folder(
         data.images_dir, data.masks_dir, num_classes=len(data.class_names),
         mask_mode=data.mask_mode, ignore_label=data.ignore_label), _folder_paths),
@@ -117,6 +130,11 @@ def source(data_config: Any) -> Source:
   if name not in SOURCES:
     raise ValueError(f'config.data.source={name!r} is not one of {sorted(SOURCES)}')
   return SOURCES[name]
+
+
+def example_shape(data_config: Any) -> ExampleShape | None:
+  """(spatial shape, channels) of every example of the source, when the source fixes them."""
+  return source(data_config).example_shape(data_config)
 
 
 def spatial_rank(data_config: Any) -> int:

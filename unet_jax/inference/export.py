@@ -33,6 +33,7 @@ from unet_jax import checkpointing
 from unet_jax.datasets import images as image_files
 from unet_jax.inference import tiled
 from unet_jax.inference import tiling
+from unet_jax.models import fast_conv
 from unet_jax.models import whole_image
 
 FORMAT = 'unet-jax-stablehlo/1'
@@ -149,7 +150,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, output_path: str, *,
     raise ValueError(f'tile_size={tile!r} does not fit a {restored.spatial_rank}D model') from None
   geometry = tiling.geometry_for(restored.model)
   out_shape = [geometry.check_tile_size(t, field='tile_size') for t in tile_shape]
-  exported = export_predictor(tiled.model_apply_fn(restored.model), restored.variables,
+  model = restored.model
+  if platforms:  # conv_impl='auto' must follow where the module will run, not this host
+    model = model.clone(conv_impl=fast_conv.impl_for_platforms(model.conv_impl, platforms))
+  exported = export_predictor(tiled.model_apply_fn(model), restored.variables,
                               tile_shape=tile_shape, input_channels=restored.input_channels,
                               batch_size=batch_size, platforms=platforms)
   metadata = {

@@ -84,6 +84,23 @@ def _tile_probabilities(apply_fn: ApplyFn, variables: Any, tiles: jax.Array) -> 
   return whole_image.head_probabilities(apply_fn(variables, tiles))
 
 
+def tile_batch_size(batch_size: int, mesh: jax.sharding.Mesh) -> int:
+  """Tiles per compiled call: `batch_size` rounded up to a multiple of the mesh size."""
+  return -(-batch_size // mesh.size) * mesh.size
+
+
+def tile_function(apply_fn: ApplyFn, mesh: jax.sharding.Mesh) -> Callable:
+  """The jitted `(variables, tiles) → probabilities` step: variables replicated, tiles split over
+  every device of `mesh` (what `TiledPredictor` runs, and what an ahead-of-time compile lowers)."""
+  replicated = sharding.replicated(mesh)
+  batch = sharding.batch_sharding(mesh)
+  # Across processes every process reads the whole (replicated) output; on one host the
+  # per-device shards are fetched directly.
+  out_sharding = replicated if sharding.process_count(mesh) > 1 else batch
+  return jax.jit(functools.partial(_tile_probabilities, apply_fn),
+                 in_shardings=(replicated, batch), out_shardings=out_sharding)
+
+
 class TiledPredictor:
   """Overlap-tile prediction of single images or volumes of any size.
 
@@ -121,15 +138,10 @@ class TiledPredictor:
     self.blend = blend
     self.progress = progress
     self.mesh = mesh if mesh is not None else sharding.make_mesh()
-    self.batch_size = -(-batch_size // self.mesh.size) * self.mesh.size
+    self.batch_size = tile_batch_size(batch_size, self.mesh)
     self._batch_sharding = sharding.batch_sharding(self.mesh)
-    replicated = sharding.replicated(self.mesh)
-    self._variables = jax.device_put(variables, replicated)
-    # Across processes every process reads the whole (replicated) output; on one host the
-    # per-device shards are fetched directly.
-    out_sharding = replicated if jax.process_count() > 1 else self._batch_sharding
-    self._fn = jax.jit(functools.partial(_tile_probabilities, apply_fn),
-                       in_shardings=(replicated, self._batch_sharding), out_shardings=out_sharding)
+    self._variables = jax.device_put(variables, sharding.replicated(self.mesh))
+    self._fn = tile_function(apply_fn, self.mesh)
 
   @classmethod
   def for_model(cls, model: Any, variables: Any, **kwargs: Any) -> 'TiledPredictor':
@@ -227,4 +239,5 @@ class TiledPredictor:
         accumulator['weight'][tile.destination] += w
 
 
-__all__: list[Any] = ['TTA_MODES', 'TiledPredictor', 'Transform', 'model_apply_fn', 'tta_transforms']
+__all__: list[Any] = ['TTA_MODES', 'TiledPredictor', 'Transform', 'model_apply_fn', 'tile_batch_size',
+                      'tile_function', 'tta_transforms']

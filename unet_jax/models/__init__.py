@@ -16,11 +16,12 @@ whole_image.py turns them into crop sizes, mirror padding and the final head.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 
+from unet_jax.models import fast_conv
 from unet_jax.models.attention_unet import AttentionUNet
 from unet_jax.models.multires_unet import MultiResUNet
 from unet_jax.models.res_unet import ResUNet
@@ -45,8 +46,13 @@ def model_options(name: str) -> set[str]:
   return set(MODELS[name].__dataclass_fields__) - {'parent', 'name', 'num_classes'}
 
 
-def build_model(model_config: Any, *, num_classes: int) -> nn.Module:
-  """Builds the model named by `model_config.name`; every other field is a constructor kwarg."""
+def build_model(model_config: Any, *, num_classes: int,
+                platforms: Sequence[str] | None = None) -> nn.Module:
+  """Builds the model named by `model_config.name`; every other field is a constructor kwarg.
+
+  `platforms`: where the program will run when that is not this host's backend (ahead-of-time
+  compiles, exports); conv_impl='auto' then follows them (fast_conv.impl_for_platforms).
+  """
   kwargs = dict(model_config)
   name = kwargs.pop('name')
   if name not in MODELS:
@@ -58,6 +64,8 @@ def build_model(model_config: Any, *, num_classes: int) -> nn.Module:
   dtype = kwargs.pop('dtype', 'float32')
   if dtype not in DTYPES:
     raise ValueError(f'config.model.dtype={dtype!r} is not one of {sorted(DTYPES)}')
+  if platforms is not None and 'conv_impl' in kwargs:
+    kwargs['conv_impl'] = fast_conv.impl_for_platforms(kwargs['conv_impl'], platforms)
   constructor = MODELS[name]
   fields = model_options(name)
   unknown = set(kwargs) - fields

@@ -366,6 +366,18 @@ def resolve_impl(impl: str, *, kernel_size: Sequence[int], in_features: int, out
   return 'fast' if in_features >= 16 and large else 'xla'
 
 
+def impl_for_platforms(impl: str, platforms: Sequence[str]) -> str:
+  """`impl` for a program compiled for `platforms` rather than for the host's backend.
+
+  'auto' resolves per layer by `jax.default_backend()` when the model is traced; a program built
+  here for another platform (an ahead-of-time TPU compile, a multi-platform export) must not take
+  the host's CPU paths, so there 'auto' becomes 'xla' unless every target platform is a CPU.
+  """
+  if impl == 'auto' and any(p != 'cpu' for p in platforms):
+    return 'xla'
+  return impl
+
+
 def resolve_pool_impl(impl: str, *, backend: str | None = None) -> str:
   """'xla' or 'fast' for 2× max pooling: 'auto' is 'fast' on CPU only (see `max_pool_2x`)."""
   if impl not in IMPLS:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -141,12 +141,18 @@ class Setup:
   border: tuple[int, ...]
 
 
-def build(config: ml_collections.ConfigDict, *, input_channels: int, spatial_rank: int) -> Setup:
+def build(config: ml_collections.ConfigDict, *, input_channels: int, spatial_rank: int,
+          devices: Sequence[Any] | None = None) -> Setup:
   """Mesh, model, optimizer and the abstract, sharded state of a validated config (nothing is
-  compiled; `init_fn` makes the real state)."""
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+  compiled; `init_fn` makes the real state).
+
+  `devices`: the mesh's devices, default `jax.devices()`; an ahead-of-time compile passes a
+  target's abstract ones, and the model's backend choices follow their platform.
+  """
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, devices=devices)
   local_batch = sharding.check_batch_size(config.batch_size, mesh, field='config.batch_size')
-  model = build_model(config.model, num_classes=len(config.data.class_names))
+  model = build_model(config.model, num_classes=len(config.data.class_names),
+                      platforms=None if devices is None else {d.platform for d in devices})
   crop = whole_image.crop_shape(config.data.crop_size, spatial_rank)
   border = whole_image.mirror_border(model, crop)
   tx, schedule = optimizers.make_optimizer(config.optimizer, num_steps=config.num_steps)
