@@ -96,6 +96,27 @@ def test_multipage_tiff_is_predicted_slice_by_slice(trained, tmp_path):
   np.testing.assert_allclose(probs[1], alone, rtol=1e-5, atol=1e-6)
 
 
+def test_an_isbi_model_writes_the_challenge_submission_stack(trained, tmp_path):
+  config, workdir = trained
+  stack = np.random.default_rng(2).integers(0, 256, (3, 32, 40), dtype=np.uint8)
+  tifffile.imwrite(tmp_path / 'test-volume.tif', stack, photometric='minisblack')
+  isbi = config.copy_and_resolve_references()
+  isbi.data.source = 'isbi'  # predict reads no training data; the model is the same
+  predict.run(isbi, workdir, str(tmp_path / 'test-volume.tif'), str(tmp_path / 'out'),
+              checkpoint='latest', progress=False)
+  probs = tifffile.imread(tmp_path / 'out' / 'test-volume_probabilities.tif')
+  with tifffile.TiffFile(tmp_path / 'out' / 'test-volume_isbi_submission.tif') as tif:
+    assert len(tif.pages) == 3 and tif.pages[0].dtype == np.float32
+    submission = tif.asarray()
+  assert submission.shape == (3, 32, 40)
+  np.testing.assert_allclose(submission, 1 - probs[..., config.eval.membrane_class], atol=1e-6)
+  assert 0 <= submission.min() and submission.max() <= 1
+  # Other sources get no submission file.
+  predict.run(config, workdir, str(tmp_path / 'test-volume.tif'), str(tmp_path / 'plain'),
+              checkpoint='latest', progress=False)
+  assert not list((tmp_path / 'plain').glob('*submission*'))
+
+
 def test_folder_with_a_corrupt_file_and_a_colour_image(trained, tmp_path, caplog):
   config, workdir = trained
   folder = tmp_path / 'in'

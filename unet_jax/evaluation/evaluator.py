@@ -142,5 +142,5 @@ def paper_comparison(scores: dict[str, float]) -> str:
 
 def format_scores(scores: dict[str, float], class_names: tuple[str, ...]) -> str:
   keys = ['pixel_error', *(f'dice_{c}' for c in class_names), *(f'iou_{c}' for c in class_names),
-          'isbi_pixel_error', 'isbi_rand_error', 'isbi_warping_error']
+          'isbi_pixel_error', 'isbi_rand_error', 'isbi_warping_error', 'isbi_vrand', 'isbi_vinfo']
   return ', '.join(f'{k}={scores[k]:.4f}' for k in keys if k in scores)

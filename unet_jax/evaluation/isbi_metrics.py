@@ -23,6 +23,10 @@ The three numbers follow the challenge's Fiji evaluation (Trainable Weka Segment
 
   i.e. the F-score of pixel pairs "in the same segment" without self-pairs, the form that
   `skimage.metrics.adapted_rand_error` computes. A set with no pixel pairs at all scores F = 1.
+* `isbi_vrand` and `isbi_vinfo`: the challenge's current leaderboard scores (thinned_scores.py),
+  foreground-restricted Rand and information F-scores after thinning the predicted borders to
+  one-pixel lines, averaged over slices and maximised over the challenge's thresholds 0.0, 0.1,
+  ..., 1.0 of the cell probability 1 - p; higher is better.
 * `isbi_warping_error` (Jain et al., CVPR 2010) at the fixed threshold 0.5: the true membrane
   mask is warped towards the prediction by flipping only *simple* pixels (whose flip changes no
   topology, cells 4-connected and membrane 8-connected, the image surrounded by membrane), and
@@ -44,6 +48,8 @@ from typing import Sequence
 
 import numpy as np
 from scipy import ndimage
+
+from unet_jax.evaluation import thinned_scores
 
 DEFAULT_THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(1, 20))  # 0.05, 0.10, ..., 0.95
 WARPING_THRESHOLD = 0.5
@@ -218,6 +224,7 @@ class ISBIAccumulator:
     self._rand_truth = 0
     self._warping_mismatches = 0
     self._valid_pixels = 0
+    self._thinned = np.zeros((len(thinned_scores.CHALLENGE_THRESHOLDS), 2))  # summed per slice
     self._images = 0
 
   def update(self, membrane_probability: np.ndarray, labels: np.ndarray) -> None:
@@ -267,6 +274,7 @@ class ISBIAccumulator:
                         priority=np.abs(probability - WARPING_THRESHOLD))
     self._warping_mismatches += int(np.sum((warped != predicted_membrane) & valid))
     self._valid_pixels += int(valid.sum())
+    self._thinned += thinned_scores.slice_scores(cells, 1 - probability)
     self._images += 1
 
   def result(self) -> dict[str, float]:
@@ -274,8 +282,9 @@ class ISBIAccumulator:
 
     Returns:
       `isbi_pixel_error`, `isbi_pixel_threshold`, `isbi_rand_error`, `isbi_rand_threshold`,
-      `isbi_warping_error` (NaN if no pixel was valid), all Python floats. Ties between
-      thresholds go to the lowest.
+      `isbi_warping_error` (NaN if no pixel was valid), `isbi_vrand`, `isbi_vrand_threshold`,
+      `isbi_vinfo`, `isbi_vinfo_threshold` (thresholds of the cell probability), all Python
+      floats. Ties between thresholds go to the lowest.
 
     Raises:
       ValueError: if nothing was accumulated.
@@ -289,12 +298,18 @@ class ISBIAccumulator:
     best_pixel, best_rand = int(np.argmax(pixel_f)), int(np.argmax(rand_f))
     warping = (self._warping_mismatches / self._valid_pixels if self._valid_pixels
                else math.nan)
+    thinned = self._thinned / self._images  # the challenge averages slices, then maximises
+    best_vrand, best_vinfo = (int(i) for i in np.argmax(thinned, axis=0))
     return {
         'isbi_pixel_error': float(1 - pixel_f[best_pixel]),
         'isbi_pixel_threshold': float(self._thresholds[best_pixel]),
         'isbi_rand_error': float(1 - rand_f[best_rand]),
         'isbi_rand_threshold': float(self._thresholds[best_rand]),
         'isbi_warping_error': float(warping),
+        'isbi_vrand': float(thinned[best_vrand, 0]),
+        'isbi_vrand_threshold': thinned_scores.CHALLENGE_THRESHOLDS[best_vrand],
+        'isbi_vinfo': float(thinned[best_vinfo, 1]),
+        'isbi_vinfo_threshold': thinned_scores.CHALLENGE_THRESHOLDS[best_vinfo],
     }
 
 

@@ -16,6 +16,12 @@ Outputs in `output_dir`, per input `<stem>.<ext>`:
   <stem>_probabilities.tif    float32 `(*spatial, C)` softmax probabilities
   <stem>_overlay.png          the image with classes tinted (visualize.PALETTE); stacks and
                               volumes get one `<stem>_overlay_<slice>.png` per slice
+  <stem>_isbi_submission.tif  models of the ISBI 2012 sources only: the challenge's submission
+                              format, a 32-bit float TIFF stack `(slices, H, W)` in [0, 1] of
+                              1 − the membrane probability, i.e. the polarity of
+                              train-labels.tif (1 = cell interior, membranes dark), which the
+                              challenge's Fiji evaluation thresholds as cell where value > t
+                              (`predict --input=test-volume.tif` makes the test-set entry)
 A file that cannot be read or has the wrong number of channels is skipped with a warning that
 names it; the others are still predicted and the count of skipped files is reported at the end.
 """
@@ -36,6 +42,7 @@ from unet_jax import sharding
 from unet_jax import visualize
 from unet_jax.datasets import images as image_files
 from unet_jax.datasets.dataset import DataError
+from unet_jax.evaluation import evaluator
 from unet_jax.inference import crf as crf_lib
 from unet_jax.inference import postprocess
 from unet_jax.inference import tiled
@@ -122,9 +129,16 @@ def _gray(raw: np.ndarray) -> np.ndarray:
   return raw.astype(np.float32).mean(-1)
 
 
+def isbi_submission(probabilities: np.ndarray, *, membrane_class: int) -> np.ndarray:
+  """The challenge's submission stack `(slices, H, W)` float32 of probabilities `(..., H, W, C)`:
+  1 − P(membrane), so cells are bright and membranes dark, as in train-labels.tif."""
+  membrane = np.asarray(probabilities, np.float32)[..., membrane_class]
+  return np.ascontiguousarray(1.0 - membrane.reshape(-1, *membrane.shape[-2:]), np.float32)
+
+
 def _write_outputs(stem: str, output_dir: str, raw: np.ndarray, classes: np.ndarray,
                    probabilities: np.ndarray, *, as_png: bool, write_probabilities: bool,
-                   write_overlays: bool) -> list[str]:
+                   write_overlays: bool, submission_class: int | None) -> list[str]:
   import tifffile  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
   written = []
@@ -138,6 +152,11 @@ def _write_outputs(stem: str, output_dir: str, raw: np.ndarray, classes: np.ndar
   if write_probabilities:
     path = os.path.join(output_dir, f'{stem}_probabilities.tif')
     tifffile.imwrite(path, probabilities if probabilities.shape[0] > 1 else probabilities[0],
+                     photometric='minisblack')
+    written.append(path)
+  if submission_class is not None:
+    path = os.path.join(output_dir, f'{stem}_isbi_submission.tif')
+    tifffile.imwrite(path, isbi_submission(probabilities, membrane_class=submission_class),
                      photometric='minisblack')
     written.append(path)
   if write_overlays:
@@ -239,7 +258,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, input_path: str, output
       summary.written += _write_outputs(
           stem, output_dir, raw, classes, probabilities,
           as_png=path.lower().endswith('.png') and restored.spatial_rank == 2 and len(raw) == 1,
-          write_probabilities=write_probabilities, write_overlays=write_overlays)
+          write_probabilities=write_probabilities, write_overlays=write_overlays,
+          submission_class=(config.eval.membrane_class
+                            if config.data.source in evaluator.ISBI_SOURCES else None))
   bar.close()
   if summary.failed:
     log.warning('predicted %d file(s); skipped %d unreadable or unsuitable: %s',
@@ -251,4 +272,4 @@ def run(config: ml_collections.ConfigDict, workdir: str, input_path: str, output
   return summary
 
 
-__all__ = ['Summary', 'as_samples', 'list_inputs', 'normalize', 'run']
+__all__ = ['Summary', 'as_samples', 'isbi_submission', 'list_inputs', 'normalize', 'run']
