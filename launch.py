@@ -128,6 +128,8 @@ def main(argv):
     # its own backend is the CPU, and libtpu must not look for a TPU or a metadata server.
     os.environ['JAX_PLATFORMS'] = 'cpu'
     os.environ.setdefault('TPU_SKIP_MDS_QUERY', '1')
+    # Compile times are part of the report, so nothing may come from a compilation cache.
+    os.environ['JAX_ENABLE_COMPILATION_CACHE'] = 'false'
   elif not FLAGS.workdir:
     _fail(f'--mode={FLAGS.mode} needs --workdir', 2)
   if FLAGS.distributed or FLAGS.coordinator_address:

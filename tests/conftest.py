@@ -1,13 +1,26 @@
-"""Test setup: 8 simulated CPU devices (set before jax is imported) and the shared data paths.
+"""Test setup: 8 simulated CPU devices (set before jax is imported), a persistent compilation
+cache for the session, and the shared data paths.
 
 The package is imported as installed (`pip install -e .`); `python -m pytest` from the checkout
 also finds the configs in experiments/.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# One persistent XLA cache for the session, inherited by every launcher the tests start: most
+# of them run the same smoke programs, and compiling those again is most of a launch's time.
+# The cache holds compiled programs only; every test still runs them.
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  _cache = tempfile.mkdtemp(prefix='unet_jax_test_xla_cache_')
+  atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = _cache
+  os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+  os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The shared data sits beside the checkout; the variables override where it is.
 for _variable, _folder in [('UNET_JAX_ISBI_DIR', 'isbi2012'),
