@@ -7,9 +7,9 @@ time from the chip's published peak bf16 FLOP/s and HBM bandwidth (targets.CHIPS
 
   time ≥ max(XLA FLOPs / peak FLOP/s, XLA bytes accessed / HBM bandwidth)
 
-A program the compiler cannot fit raises `NoFit` with one line naming the smallest change that
-makes it fit, found by compiling the candidates of CHANGES in order: first one change at a
-time, then the changes together.
+A program the compiler cannot fit raises `NoFit` with one line naming the first change that
+makes it fit, found by compiling the candidates of CHANGES in order (cheapest to the run
+first): one change at a time, then the strongest change of each kind together.
 """
 
 from __future__ import annotations
