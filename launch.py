@@ -249,7 +249,8 @@ def _compile(config, workdir: str | None) -> None:
   print(report.table(rows, target))
   if workdir:
     os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, f'compile_{target.name.replace(":", "_")}.json')
+    name = target.name.replace(':', '_').replace('×', 'slices_')  # 2×v5e:2x2 → 2slices_v5e_2x2
+    path = os.path.join(workdir, f'compile_{name}.json')
     with open(path, 'w', encoding='utf-8') as f:
       f.write(report.to_json(rows, target))
     print(f'saved {path}')
