@@ -158,14 +158,19 @@ class _FlagError(ValueError):
   """A launch.py flag with an unusable value."""
 
 
+def _ints(flag: str, example: str) -> tuple[int, ...]:
+  """The comma-separated ints of --flag, or a _FlagError naming it."""
+  try:
+    return tuple(int(n) for n in FLAGS[flag].value.split(','))
+  except ValueError:
+    raise _FlagError(f'--{flag}={FLAGS[flag].value!r} is not an int or ints separated by commas '
+                     f'(e.g. {example})') from None
+
+
 def _tile_size():
   if FLAGS.tile_size is None:
     return None
-  try:
-    tile = tuple(int(t) for t in FLAGS.tile_size.split(','))
-  except ValueError:
-    raise _FlagError(f'--tile_size={FLAGS.tile_size!r} is not an int or ints separated by commas '
-                     '(e.g. 572 or 64,572,572)') from None
+  tile = _ints('tile_size', '572 or 64,572,572')
   return tile[0] if len(tile) == 1 else tile
 
 
@@ -212,6 +217,7 @@ def _compile(config, workdir: str | None) -> None:
   from unet_jax.aot import programs, report, targets
   from unet_jax.config import validation
   from unet_jax.datasets import sources
+  from unet_jax.models import whole_image
   # pylint: enable=g-import-not-at-top
   if not FLAGS.topology:
     raise _FlagError('--mode=compile needs --topology, e.g. v5e:4x4 (TPU generations: '
@@ -225,19 +231,14 @@ def _compile(config, workdir: str | None) -> None:
   validation.validate(config, mode='compile', devices=target.devices)
   fixed = sources.example_shape(config.data)
   if FLAGS.image_size:
-    try:
-      image = tuple(int(n) for n in FLAGS.image_size.split(','))
-    except ValueError:
-      raise _FlagError(f'--image_size={FLAGS.image_size!r} is not ints separated by commas') \
-          from None
+    image = _ints('image_size', '512,512')
     if len(image) != rank:
       raise _FlagError(f'--image_size={FLAGS.image_size!r} has {len(image)} dims; '
                        f'config.data.source={config.data.source!r} has {rank}')
   elif fixed:
     image = fixed[0]
   else:
-    image = (config.data.crop_size,) * rank if isinstance(config.data.crop_size, int) \
-        else tuple(config.data.crop_size)
+    image = whole_image.crop_shape(config.data.crop_size, rank)
     print(f'evaluation images taken as {image} (config.data.source={config.data.source!r} does '
           'not fix their size; --image_size sets it)')
   channels = FLAGS.channels or (fixed[1] if fixed else 1)

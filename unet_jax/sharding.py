@@ -72,9 +72,11 @@ def state_shardings(abstract_state: Any, mesh: Mesh) -> Any:
   return jax.tree.map(lambda x: param_sharding(x.shape, mesh), abstract_state)
 
 
-def process_count(mesh: Mesh) -> int:
-  """How many processes (hosts) hold the devices of `mesh`."""
-  return len({d.process_index for d in mesh.devices.flat})
+def process_count(devices: Mesh | Sequence[Any]) -> int:
+  """How many processes (hosts) hold `devices` (a mesh's, or a list such as a target's)."""
+  if isinstance(devices, Mesh):
+    devices = devices.devices.flat
+  return len({d.process_index for d in devices})
 
 
 def check_batch_size(global_batch: int, mesh: Mesh, *, field: str) -> int:

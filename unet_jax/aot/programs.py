@@ -165,15 +165,21 @@ def _costs(compiled: Any) -> dict[str, float]:
   return (costs[0] if isinstance(costs, (list, tuple)) else costs) or {}
 
 
-def compile_program(name: str, config: ml_collections.ConfigDict, devices: Sequence[Any], *,
+def build_setup(config: ml_collections.ConfigDict, devices: Sequence[Any], *, shapes: Shapes,
+                spatial_rank: int) -> train_step.Setup:
+  """The run's mesh, model and abstract state on `devices`, shared by all its programs."""
+  return train_step.build(config, input_channels=shapes.channels, spatial_rank=spatial_rank,
+                          devices=devices)
+
+
+def compile_program(name: str, config: ml_collections.ConfigDict, setup: train_step.Setup, *,
                     shapes: Shapes, spatial_rank: int) -> Compiled:
-  """Compiles program `name` of PROGRAMS for `devices` (a validated config).
+  """Compiles program `name` of PROGRAMS for the devices of `setup` (from `build_setup` with
+  this validated config).
 
   Raises:
     DoesNotFit: the compiler found the program too large for one device's memory.
   """
-  setup = train_step.build(config, input_channels=shapes.channels, spatial_rank=spatial_rank,
-                           devices=devices)
   program = PROGRAMS[name](config, setup, shapes, spatial_rank)
   start = time.perf_counter()
   try:

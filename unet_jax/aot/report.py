@@ -118,11 +118,11 @@ def _candidates(name: str, config: ml_collections.ConfigDict, target: targets.Ta
       yield strongest[:count], candidate
 
 
-def _compile_within(name: str, config: ml_collections.ConfigDict, target: targets.Target,
+def _compile_within(name: str, config: ml_collections.ConfigDict, setup: Any,
                     shapes: programs.Shapes, spatial_rank: int, limit: float | None
                     ) -> programs.Compiled:
   """Compiles a program; DoesNotFit when the compiler refuses it or it exceeds `limit` bytes."""
-  compiled = programs.compile_program(name, config, target.devices, shapes=shapes,
+  compiled = programs.compile_program(name, config, setup, shapes=shapes,
                                       spatial_rank=spatial_rank)
   if limit is not None and compiled.memory.total > limit:
     raise programs.DoesNotFit(name, compiled.memory.total, limit, 'over --memory_limit_gib')
@@ -142,7 +142,9 @@ def _fit_search(name: str, config: ml_collections.ConfigDict, target: targets.Ta
     tried.append(flags)
     log.info('%s: trying %s', name, flags)
     try:
-      fitted = _compile_within(name, candidate, target, shapes, spatial_rank, limit)
+      setup = programs.build_setup(candidate, target.devices, shapes=shapes,
+                                   spatial_rank=spatial_rank)
+      fitted = _compile_within(name, candidate, setup, shapes, spatial_rank, limit)
     except programs.DoesNotFit:
       continue
     return (f'{head}; {flags} makes it fit ({_bytes(fitted.memory.total)} per chip, found by '
@@ -215,11 +217,12 @@ def compile_for_target(config: ml_collections.ConfigDict, target: targets.Target
     allowed = f' that JAX preallocates ({targets.GPU_MEMORY_FRACTION:.0%} of HBM)'
   else:
     allowed = ''
+  setup = programs.build_setup(config, target.devices, shapes=shapes, spatial_rank=spatial_rank)
   rows = []
   for name in programs.PROGRAMS:
     log.info('compiling the %s for %s', name, target.name)
     try:
-      compiled = _compile_within(name, config, target, shapes, spatial_rank, memory_limit)
+      compiled = _compile_within(name, config, setup, shapes, spatial_rank, memory_limit)
     except programs.DoesNotFit as problem:
       raise NoFit(_fit_search(name, config, target, shapes, spatial_rank, problem,
                               memory_limit, allowed)) from None

@@ -26,9 +26,11 @@ import importlib.util
 import math
 import os
 import re
-from typing import Any, Sequence
+from typing import Any
 
 from jax.experimental import topologies
+
+from unet_jax import sharding
 
 GIB = 2**30
 
@@ -154,7 +156,7 @@ class Target:
 
   @property
   def num_processes(self) -> int:
-    return len({d.process_index for d in self.devices})
+    return sharding.process_count(self.devices)
 
   def describe(self) -> str:
     hosts = self.num_processes
@@ -222,10 +224,6 @@ def tpu_target(topology: str, *, num_slices: int = 1) -> Target:
                       'unet_jax/aot/targets.py CHIPS')
   name = topology if num_slices == 1 else f'{num_slices}×{topology}'
   return Target(name, tuple(devices), CHIPS[kind])
-
-
-def platforms_of(devices: Sequence[Any]) -> tuple[str, ...]:
-  return tuple(sorted({d.platform for d in devices}))
 
 
 def gpu_target(topology: str) -> Target:

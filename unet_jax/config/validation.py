@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from unet_jax import sharding
 from unet_jax.augment import transforms
 from unet_jax.config import overrides
 from unet_jax.datasets import procedural
@@ -291,8 +292,7 @@ def validate(config: ml_collections.ConfigDict, *, mode: str = 'train',
   _check_augment(config.data.augment)
   size = data_parallel_size(config, devices)
   if mode in ('train', 'eval', 'compile'):
-    processes = (jax.process_count() if devices is None
-                 else len({d.process_index for d in devices}))
+    processes = jax.process_count() if devices is None else sharding.process_count(devices)
     _check_batches(config, size, processes)
   _check_loss(config, model, num_classes)
   _check_metric(config)

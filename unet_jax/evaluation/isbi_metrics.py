@@ -57,8 +57,6 @@ WARPING_THRESHOLD = 0.5
 _NEIGHBOURS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
 _CROSS = ndimage.generate_binary_structure(2, 1)  # 4-connectivity
 _SQUARE = ndimage.generate_binary_structure(2, 2)  # 8-connectivity
-# Key spaces up to this size are counted with bincount, larger ones by sorting.
-_DENSE_CONTINGENCY = 1 << 22
 # Priority levels of the warping: flips of confident mismatches are tried first.
 _WARPING_LEVELS = 8
 
@@ -180,17 +178,14 @@ def _rand_pair_sums(truth_ids: np.ndarray, counted: np.ndarray,
 
   `truth_ids` are the true segment ids (≥ 1) of the `counted` (true cell) pixels, in C order.
   """
-  predicted, num_predicted = ndimage.label(predicted_cells, structure=_CROSS)
+  predicted, _ = ndimage.label(predicted_cells, structure=_CROSS)
   predicted_ids = predicted[counted].astype(np.int64)
   # Predicted-membrane pixels are singletons: they form no pair with anything.
   in_segment = predicted_ids > 0
   if not in_segment.any():
     return 0, 0
   truth_in, predicted_in = truth_ids[in_segment], predicted_ids[in_segment]
-  keys = truth_in * (num_predicted + 1) + predicted_in
-  size = (int(truth_ids.max()) + 1) * (num_predicted + 1)
-  joint = (np.bincount(keys, minlength=size) if size <= _DENSE_CONTINGENCY
-           else np.unique(keys, return_counts=True)[1])
+  joint = thinned_scores.joint_counts(truth_in, predicted_in)
   return _pair_sum(joint), _pair_sum(np.bincount(predicted_in))
 
 
@@ -274,7 +269,7 @@ class ISBIAccumulator:
                         priority=np.abs(probability - WARPING_THRESHOLD))
     self._warping_mismatches += int(np.sum((warped != predicted_membrane) & valid))
     self._valid_pixels += int(valid.sum())
-    self._thinned += thinned_scores.slice_scores(cells, 1 - probability)
+    self._thinned += thinned_scores.slice_scores(truth_segments, 1 - probability)
     self._images += 1
 
   def result(self) -> dict[str, float]:

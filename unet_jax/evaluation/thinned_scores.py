@@ -22,8 +22,8 @@ Segmentation's `RandError.getMaximalVRandAfterThinning` and
 4. Each score is averaged over the slices of a stack at every threshold, and the best threshold
    counts: the challenge sweeps 0.0, 0.1, ..., 1.0.
 
-Shapes: `truth_cells` boolean `(H, W)`, True on true cell interior; `predicted_cells` boolean
-`(H, W)`, True where the proposal says cell; segment images are int `(H, W)`, 0 = none.
+Shapes: `predicted_cells` boolean `(H, W)`, True where the proposal says cell; segment images
+are int `(H, W)`, 0 = none.
 """
 
 from __future__ import annotations
@@ -36,6 +36,20 @@ from skimage import segmentation
 
 CHALLENGE_THRESHOLDS = tuple(round(0.1 * i, 1) for i in range(11))  # 0.0, 0.1, ..., 1.0
 _CROSS = ndimage.generate_binary_structure(2, 1)
+# Key spaces up to this size are counted with bincount, larger ones by sorting.
+_DENSE_CONTINGENCY = 1 << 22
+
+
+def joint_counts(truth_ids: np.ndarray, predicted_ids: np.ndarray) -> np.ndarray:
+  """Pixel counts of the (true, predicted) segment pairs that occur, for the int ids ≥ 0 of the
+  same pixels (the non-empty cells of their contingency table, in no particular order)."""
+  width = int(predicted_ids.max(initial=0)) + 1
+  keys = truth_ids.astype(np.int64) * width + predicted_ids
+  size = (int(truth_ids.max(initial=0)) + 1) * width
+  if size <= _DENSE_CONTINGENCY:
+    counts = np.bincount(keys, minlength=size)
+    return counts[counts > 0]
+  return np.unique(keys, return_counts=True)[1]
 
 
 def thin_borders(predicted_cells: np.ndarray) -> np.ndarray:
@@ -63,8 +77,7 @@ def _contingency(truth_segments: np.ndarray, predicted_segments: np.ndarray
   n = int(truth.size)
   singletons = int(np.sum(predicted == 0))
   in_segment = predicted > 0
-  keys = truth[in_segment] * (int(predicted.max(initial=0)) + 1) + predicted[in_segment]
-  joint = np.unique(keys, return_counts=True)[1]
+  joint = joint_counts(truth[in_segment], predicted[in_segment])
   a = np.bincount(truth)[1:]
   b = np.bincount(predicted[in_segment])[1:] if in_segment.any() else np.zeros(0, np.int64)
   return joint, a[a > 0], b[b > 0], singletons, n
@@ -103,11 +116,13 @@ def vinfo(truth_segments: np.ndarray, predicted_segments: np.ndarray) -> float:
   return 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
 
 
-def slice_scores(truth_cells: np.ndarray, cell_probability: np.ndarray,
+def slice_scores(truth_segments: np.ndarray, cell_probability: np.ndarray,
                  thresholds: tuple[float, ...] = CHALLENGE_THRESHOLDS) -> np.ndarray:
   """`(len(thresholds), 2)`: V_rand and V_info of one slice, the proposal taken as cell where
-  `cell_probability > threshold` (the challenge's polarity: 1 = cell, 0 = membrane)."""
-  truth_segments, _ = ndimage.label(np.asarray(truth_cells, bool), structure=_CROSS)
+  `cell_probability > threshold` (the challenge's polarity: 1 = cell, 0 = membrane).
+
+  `truth_segments`: the 4-connected components of the true cell interior (0 elsewhere).
+  """
   scores = np.zeros((len(thresholds), 2))
   for k, threshold in enumerate(thresholds):
     predicted = thin_borders(np.asarray(cell_probability) > threshold)

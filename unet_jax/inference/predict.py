@@ -230,6 +230,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, input_path: str, output
     os.makedirs(output_dir, exist_ok=True)
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   summary = Summary(step=restored.step)
+  submission_class = (config.eval.membrane_class
+                      if config.data.source in evaluator.ISBI_SOURCES else None)
   bar = tqdm(paths, unit='file', disable=not (progress and chief), dynamic_ncols=True)
   for path, stem in zip(bar, _stems(paths)):
     bar.set_postfix_str(os.path.basename(path))
@@ -259,8 +261,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, input_path: str, output
           stem, output_dir, raw, classes, probabilities,
           as_png=path.lower().endswith('.png') and restored.spatial_rank == 2 and len(raw) == 1,
           write_probabilities=write_probabilities, write_overlays=write_overlays,
-          submission_class=(config.eval.membrane_class
-                            if config.data.source in evaluator.ISBI_SOURCES else None))
+          submission_class=submission_class)
   bar.close()
   if summary.failed:
     log.warning('predicted %d file(s); skipped %d unreadable or unsuitable: %s',
