@@ -47,7 +47,7 @@ flags.DEFINE_bool('sweep', False, "Train every point of the config file's sweep(
 flags.DEFINE_bool('allow_config_change', False,
                   'Resume a workdir although its saved config differs from this one.')
 flags.DEFINE_bool('restart', False, 'Train from step 0 when the workdir has checkpoints but none '
-                  'is readable (they stay in checkpoints/quarantine/).')
+                  'is readable (they stay in checkpoints_quarantine/).')
 flags.DEFINE_string('split', 'val', 'eval mode: val, train or all.')
 flags.DEFINE_string('checkpoint', 'best', 'eval mode: best, latest or a step number.')
 flags.DEFINE_bool('distributed', False,
@@ -214,6 +214,7 @@ def _run(config, workdir: str) -> None:
 def _compile(config, workdir: str | None) -> None:
   """--mode=compile: the run's programs compiled for --topology, a per-chip table on stdout."""
   # pylint: disable=g-import-not-at-top  (after flag parsing and the platform choice)
+  from unet_jax import storage
   from unet_jax.aot import programs, report, targets
   from unet_jax.config import validation
   from unet_jax.datasets import sources
@@ -249,11 +250,9 @@ def _compile(config, workdir: str | None) -> None:
       memory_limit=None if FLAGS.memory_limit_gib is None else FLAGS.memory_limit_gib * 2**30)
   print(report.table(rows, target))
   if workdir:
-    os.makedirs(workdir, exist_ok=True)
     name = target.name.replace(':', '_').replace('×', 'slices_')  # 2×v5e:2x2 → 2slices_v5e_2x2
-    path = os.path.join(workdir, f'compile_{name}.json')
-    with open(path, 'w', encoding='utf-8') as f:
-      f.write(report.to_json(rows, target))
+    path = storage.join(workdir, f'compile_{name}.json')
+    storage.write_atomic(path, report.to_json(rows, target))
     print(f'saved {path}')
 
 

@@ -53,3 +53,28 @@ def isbi_dir() -> str:
 def nuclei_dir() -> str:
   """The real DSB2018 nuclei sample (../shared/data/dsb2018_stardist_sample)."""
   return _shared_dir('UNET_JAX_NUCLEI_DIR')
+
+
+@pytest.fixture(scope='session')
+def gcs_emulator():
+  """A real GCS emulator (fake-gcs-server) on 127.0.0.1 for the whole session; every storage
+  client of this process and of the launchers it starts is pointed at it (gcs_emulator.py)."""
+  import gcs_emulator as emulator_lib  # pylint: disable=g-import-not-at-top  (tests/ helper)
+  emulator = emulator_lib.Emulator()
+  os.environ.update(emulator_lib.client_environment(emulator.url))
+  yield emulator
+  emulator.stop()
+
+
+@pytest.fixture
+def bucket(gcs_emulator) -> str:
+  """gs:// URL of a new, empty bucket in the emulator."""
+  return f'gs://{gcs_emulator.create_bucket()}'
+
+
+@pytest.fixture(params=['local', 'gcs'])
+def storage_root(request, tmp_path) -> str:
+  """Where a test's runs go: a local folder, then an emulator bucket (gs://...)."""
+  if request.param == 'local':
+    return str(tmp_path)
+  return request.getfixturevalue('bucket')

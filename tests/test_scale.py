@@ -8,11 +8,13 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from experiments import quickstart
 from unet_jax import checkpointing
 from unet_jax.training import metric_writers
 from unet_jax import sharding
+from unet_jax import storage
 from unet_jax.training import train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,18 +72,31 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def test_two_processes_train_like_one(tmp_path):
-  common = ['--config=' + os.path.join(ROOT, 'experiments/quickstart.py') + ':smoke',
-            '--config.num_steps=6', '--config.log_every=1', '--config.eval_every=3']
+TWO_PROCESS_RUN = ['--config=' + os.path.join(ROOT, 'experiments/quickstart.py') + ':smoke',
+                   '--config.num_steps=6', '--config.log_every=1', '--config.eval_every=3']
+
+
+@pytest.fixture(scope='module')
+def one_process_run(tmp_path_factory):
+  """The 6-step run on one process with 8 devices, the reference for two processes × 4."""
+  workdir = tmp_path_factory.mktemp('one_process') / 'one'
   single = subprocess.run(
-      [sys.executable, os.path.join(ROOT, 'launch.py'), f'--workdir={tmp_path / "one"}', *common],
+      [sys.executable, os.path.join(ROOT, 'launch.py'), f'--workdir={workdir}', *TWO_PROCESS_RUN],
       cwd=ROOT, capture_output=True, text=True, timeout=600,
       env=dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8'))
   assert single.returncode == 0, single.stderr
+  return str(workdir)
+
+
+def test_two_processes_train_like_one(one_process_run, storage_root):
+  """Two processes on one mesh match one process; in a bucket too, where only process 0 writes
+  the run's files."""
+  common = TWO_PROCESS_RUN
   port = _free_port()
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4')
   procs = [subprocess.Popen(
-      [sys.executable, os.path.join(ROOT, 'launch.py'), f'--workdir={tmp_path / "two"}', *common,
+      [sys.executable, os.path.join(ROOT, 'launch.py'),
+       f'--workdir={storage.join(storage_root, "two")}', *common,
        f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}'],
       cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
            for i in range(2)]
@@ -89,11 +104,13 @@ def test_two_processes_train_like_one(tmp_path):
   assert all(p.returncode == 0 for p in procs), outputs
   assert '8 devices' in outputs[0]  # 2 processes × 4 devices form one mesh
   losses = lambda d: [r['train/loss'] for r in
-                      metric_writers.read_jsonl(str(tmp_path / d / 'metrics.jsonl'))
+                      metric_writers.read_jsonl(storage.join(d, 'metrics.jsonl'))
                       if 'train/loss' in r]
-  np.testing.assert_allclose(losses('two'), losses('one'), rtol=1e-5)
-  one = json.load(open(tmp_path / 'one' / 'final_metrics.json'))
-  two = json.load(open(tmp_path / 'two' / 'final_metrics.json'))
+  two_dir = storage.join(storage_root, 'two')
+  # One record per step: a second writer would have appended its own.
+  np.testing.assert_allclose(losses(two_dir), losses(one_process_run), rtol=1e-5)
+  one = json.load(open(os.path.join(one_process_run, 'final_metrics.json')))
+  two = json.loads(storage.read_text(storage.join(two_dir, 'final_metrics.json')))
   assert one['step'] == two['step'] == 6
   for key in ('dice_membrane', 'pixel_error', 'isbi_rand_error'):
     np.testing.assert_allclose(two[key], one[key], atol=1e-3)

@@ -14,6 +14,7 @@ import tensorflow_datasets as tfds
 import tifffile
 from PIL import Image
 
+from unet_jax import storage
 from unet_jax.datasets import loaders
 from unet_jax.datasets import dataset as dataset_lib
 
@@ -272,6 +273,20 @@ def test_load_tfds_reads_array_record_without_tensorflow(tiny_tfds_dir):
                            label_key='mask')
   np.testing.assert_array_equal(part.labels, labels[3:])
   assert 'tensorflow' not in sys.modules
+
+
+def test_load_tfds_from_a_bucket_equals_the_local_read(tiny_tfds_dir, bucket):
+  """array_record opens local files only; a gs:// data_dir is downloaded and read the same."""
+  for folder, _, names in os.walk(tiny_tfds_dir):
+    for name in names:
+      local = os.path.join(folder, name)
+      with open(local, 'rb') as f:
+        storage.write_atomic(f'{bucket}/tfds/{os.path.relpath(local, tiny_tfds_dir)}', f.read())
+  read = lambda data_dir: loaders.load_tfds('tiny_segmentation', data_dir=data_dir,
+                                            split='train[1:]', label_key='mask', num_classes=3)
+  local, remote = read(tiny_tfds_dir), read(f'{bucket}/tfds')
+  np.testing.assert_array_equal(remote.images, local.images)
+  np.testing.assert_array_equal(remote.labels, local.labels)
 
 
 def test_load_tfds_errors(tiny_tfds_dir, tmp_path):

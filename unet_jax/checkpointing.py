@@ -6,6 +6,10 @@ uninterrupted run would have seen. Orbax writes each step into a
 temporary directory and renames it when complete: a run killed mid-write leaves no half step
 that a later restore could pick up.
 
+In a bucket (a gs:// workdir) Orbax writes a step in place and marks it complete with
+`commit_success.txt` last; a step without that marker was cut short and is moved aside like a
+damaged one, so it is never taken as complete.
+
 A save that the file system refuses (no space left, quota exceeded, file too large) raises
 `CheckpointWriteError` in the calling thread, naming the directory, the step and the complete
 checkpoints that remain; the half-written step stays a temporary directory that the next run
@@ -28,14 +32,18 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from unet_jax import sharding
+from unet_jax import storage
 from unet_jax.models import build_model
 
 BEST_MODES = ('max', 'min')
 CHECKPOINTS = ('best', 'latest')  # or a step number
-QUARANTINE = 'quarantine'  # unreadable or half-deleted steps are moved here, never deleted
+# Unreadable or half-written steps of `<workdir>/checkpoints` are moved into its sibling
+# `<workdir>/checkpoints_quarantine`, never deleted: inside the checkpoint directory, Orbax's
+# clean-up would delete them in a bucket, where it takes any unmarked folder for a temporary one.
+QUARANTINE_SUFFIX = '_quarantine'
 # Files every complete step directory holds (orbax metadata, the state tree, the loop record).
-STEP_FILES = ('_CHECKPOINT_METADATA', os.path.join('state', '_METADATA'),
-              os.path.join('data', 'metadata'))
+STEP_FILES = ('_CHECKPOINT_METADATA', 'state/_METADATA', 'data/metadata')
+COMMIT_MARKER = 'commit_success.txt'  # written last into a step saved to a bucket
 log = logging.getLogger('unet_jax')
 # errno → what it means for a checkpoint write. EFBIG also comes from a process file-size limit
 # (ulimit -f, RLIMIT_FSIZE), not only from the file system.
@@ -81,7 +89,7 @@ def run_manager(config: ml_collections.ConfigDict, workdir: str, *, read_only: b
   `read_only` managers (eval, predict, export) never create, delete or clean up anything, so
   reading the workdir of a run that is still training cannot remove the checkpoint it writes.
   """
-  directory = os.path.join(workdir, 'checkpoints')
+  directory = storage.join(workdir, 'checkpoints')
   if not read_only and jax.process_index() == 0:
     for step in damaged_steps(directory):
       quarantine(directory, step, 'is incomplete (a save or deletion was cut short)')
@@ -96,8 +104,8 @@ def run_manager(config: ml_collections.ConfigDict, workdir: str, *, read_only: b
 
 def read_only_manager(directory: str, *, best_metric: str, best_mode: str = 'max'
                       ) -> ocp.CheckpointManager:
-  directory = os.path.abspath(directory)
-  if not os.path.isdir(directory):
+  directory = storage.absolute(directory)
+  if not storage.is_dir(directory):
     raise FileNotFoundError(f'no checkpoint in {directory}: it does not exist; train into this '
                             'workdir first')
   options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0,
@@ -124,7 +132,7 @@ def make_manager(directory: str, *, keep_best: int, best_metric: str, best_mode:
       best_fn=metric, best_mode=best_mode,  # so that manager.best_step() names the best
       cleanup_tmp_directories=True,  # debris of a write that was killed half way
   )
-  return ocp.CheckpointManager(os.path.abspath(directory), options=options,
+  return ocp.CheckpointManager(storage.absolute(directory), options=options,
                                item_names=('state', 'data'))
 
 
@@ -152,7 +160,7 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, *,
 
   Orbax only renames a step directory into place once it is complete, so a write killed half
   way is never listed. A listed checkpoint that cannot be read (corrupted on disk) is moved to
-  `checkpoints/quarantine/` with a warning naming it, and the one before it is used; the run
+  `checkpoints_quarantine/` with a warning naming it, and the one before it is used; the run
   then saves that step anew instead of colliding with the unreadable one. When checkpoints
   exist but none is readable, CheckpointReadError says so, unless `restart` (start from step 0).
 
@@ -166,14 +174,14 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, *,
     except Exception as e:  # pylint: disable=broad-except  (any unreadable file means skip it)
       reason = f'{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ""}'
       log.warning('checkpoint %s is unreadable and is skipped (%s); trying the one before it',
-                  os.path.join(str(manager.directory), str(step)), reason)
+                  storage.join(str(manager.directory), str(step)), reason)
       if jax.process_index() == 0:
         quarantine(str(manager.directory), step, 'is unreadable')
       manager.reload()
   if steps and not restart:
     raise CheckpointReadError(
         f'none of the {len(steps)} checkpoint(s) in {manager.directory} could be read; they were '
-        f'moved to {os.path.join(str(manager.directory), QUARANTINE)}; rerun with --restart to '
+        f'moved to {quarantine_directory(str(manager.directory))}; rerun with --restart to '
         'train from step 0')
   return None
 
@@ -331,31 +339,36 @@ def storage_errno(error: BaseException) -> int | None:
 
 
 def complete_steps(directory: str) -> list[int]:
-  """Steps whose checkpoint directory is complete on disk (orbax renames a step into place
+  """Steps whose checkpoint directory is in place (on a disk orbax renames a step into place
   only once it is fully written; temporary directories carry a suffix)."""
-  if not os.path.isdir(directory):
+  if not storage.is_dir(directory):
     return []
-  return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+  return sorted(int(name) for name in storage.list_names(directory) if name.isdigit())
 
 
 def damaged_steps(directory: str) -> list[int]:
-  """Listed steps that lack a file every complete checkpoint has, e.g. a step whose deletion
-  by the retention policy was killed half way."""
+  """Listed steps that lack a file every complete checkpoint has: a step whose deletion by the
+  retention policy was killed half way, or, in a bucket, one whose upload was."""
+  required = STEP_FILES + ((COMMIT_MARKER,) if storage.is_remote(directory) else ())
   return [step for step in complete_steps(directory)
-          if not all(os.path.exists(os.path.join(directory, str(step), name))
-                     for name in STEP_FILES)]
+          if not all(storage.exists(storage.join(directory, str(step), name))
+                     for name in required)]
+
+
+def quarantine_directory(directory: str) -> str:
+  return os.fspath(directory).rstrip('/') + QUARANTINE_SUFFIX
 
 
 def quarantine(directory: str, step: int, reason: str) -> str:
-  """Moves checkpoint `step` to `directory/quarantine/` (kept for inspection, never deleted)."""
-  target = os.path.join(directory, QUARANTINE)
-  os.makedirs(target, exist_ok=True)
-  destination, suffix = os.path.join(target, str(step)), 1
-  while os.path.exists(destination):
-    destination, suffix = os.path.join(target, f'{step}.{suffix}'), suffix + 1
-  os.rename(os.path.join(directory, str(step)), destination)
-  log.warning('checkpoint %s %s; moved to %s', os.path.join(directory, str(step)), reason,
-              destination)
+  """Moves checkpoint `step` to `directory`_quarantine/ (kept for inspection, never deleted)."""
+  target = quarantine_directory(directory)
+  storage.makedirs(target)
+  destination, suffix = storage.join(target, str(step)), 1
+  while storage.exists(destination):
+    destination, suffix = storage.join(target, f'{step}.{suffix}'), suffix + 1
+  source = storage.join(directory, str(step))
+  storage.move(source, destination)
+  log.warning('checkpoint %s %s; moved to %s', source, reason, destination)
   return destination
 
 

@@ -13,10 +13,10 @@ first one trains), so a mistake in the last point is reported before hours of tr
 from __future__ import annotations
 
 import csv
+import io
 import itertools
 import json
 import logging
-import os
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 
 from unet_jax import checkpointing
+from unet_jax import storage
 from unet_jax.config import validation
 from unet_jax.config.overrides import apply_overrides
 from unet_jax.datasets import sources
@@ -69,15 +70,15 @@ def _rank(rows: list[dict[str, Any]], config: ml_collections.ConfigDict) -> list
 
 def write_table(rows: list[dict[str, Any]], path_stem: str, *, columns: Sequence[str]) -> None:
   """`path_stem`.csv and `path_stem`.md with the given columns in order."""
-  with open(path_stem + '.csv', 'w', newline='', encoding='utf-8') as f:
-    writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction='ignore')
-    writer.writeheader()
-    writer.writerows(rows)
+  text = io.StringIO(newline='')
+  writer = csv.DictWriter(text, fieldnames=list(columns), extrasaction='ignore')
+  writer.writeheader()
+  writer.writerows(rows)
+  storage.write_atomic(path_stem + '.csv', text.getvalue())
   fmt = lambda v: f'{v:.4f}' if isinstance(v, float) else str(v)
   lines = ['| ' + ' | '.join(columns) + ' |', '|' + '---|' * len(columns)]
   lines += ['| ' + ' | '.join(fmt(row.get(c, '')) for c in columns) + ' |' for row in rows]
-  with open(path_stem + '.md', 'w', encoding='utf-8') as f:
-    f.write('\n'.join(lines) + '\n')
+  storage.write_atomic(path_stem + '.md', '\n'.join(lines) + '\n')
 
 
 def _score_columns(config: ml_collections.ConfigDict, rows: list[dict[str, Any]]) -> list[str]:
@@ -94,15 +95,14 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str,
   configs = [apply_overrides(config, p) for p in points]
   rows = []
   for index, (point, point_config) in enumerate(zip(points, configs)):
-    run_dir = os.path.join(workdir, f'{index:03d}')
+    run_dir = storage.join(workdir, f'{index:03d}')
     log.info('sweep point %d/%d: %s', index + 1, len(points), dict(point))
     scores = train_fn(point_config, run_dir)
     rows.append({'run': f'{index:03d}', **{k: _plain(v) for k, v in point.items()}, **scores})
   ranked = _rank(rows, config)
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
     columns = ['run', *points[0].keys(), *_score_columns(config, rows)]
-    write_table(ranked, os.path.join(workdir, 'sweep_results'), columns=columns)
+    write_table(ranked, storage.join(workdir, 'sweep_results'), columns=columns)
     swept = list(dict.fromkeys(k for p in points for k in p))
     try:
       plots.plot_sweep(ranked, workdir, config.checkpoint.best_metric, params=swept,
@@ -137,18 +137,17 @@ def run_kfold(config: ml_collections.ConfigDict, workdir: str, *,
   for fold, fold_config in enumerate(folds):
     val = tuple(fold_config.data.val_indices)
     log.info('fold %d/%d: validation examples %s', fold + 1, config.data.folds, val)
-    scores = train_fn(fold_config, os.path.join(workdir, f'fold_{fold}'))
+    scores = train_fn(fold_config, storage.join(workdir, f'fold_{fold}'))
     rows.append({'fold': fold, **scores})
   keys = [k for k in _score_columns(config, rows) if all(k in r for r in rows)]
   summary = {k: {'mean': float(np.mean([r[k] for r in rows])),
                  'std': float(np.std([r[k] for r in rows]))} for k in keys}
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, 'kfold.json'), 'w', encoding='utf-8') as f:
-      json.dump({'folds': rows, 'summary': summary}, f, indent=2)
+    storage.write_atomic(storage.join(workdir, 'kfold.json'),
+                         json.dumps({'folds': rows, 'summary': summary}, indent=2))
     table = rows + [{'fold': 'mean ± std',
                      **{k: f'{v["mean"]:.4f} ± {v["std"]:.4f}' for k, v in summary.items()}}]
-    write_table(table, os.path.join(workdir, 'kfold'), columns=['fold', *keys])
+    write_table(table, storage.join(workdir, 'kfold'), columns=['fold', *keys])
   log.info('%d-fold %s: %.4f ± %.4f', config.data.folds, config.checkpoint.best_metric,
            summary[keys[0]]['mean'], summary[keys[0]]['std'])
   return {'folds': rows, 'summary': summary}
@@ -179,9 +178,9 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *, spli
   scores = evaluator.evaluate(eval_fn, state, subset, config, setup.model, setup.mesh,
                                extra_metrics=evaluator.extra_metrics(config))
   if jax.process_index() == 0:
-    path = os.path.join(workdir, f'eval_{split}_step{step}.json')
-    with open(path, 'w', encoding='utf-8') as f:
-      json.dump({'step': step, 'split': split, **scores}, f, indent=2, sort_keys=True)
+    path = storage.join(workdir, f'eval_{split}_step{step}.json')
+    storage.write_atomic(path, json.dumps({'step': step, 'split': split, **scores}, indent=2,
+                                          sort_keys=True))
     log.info('checkpoint %d on %s (%d examples): %s', step, split, len(subset),
              evaluator.format_scores(scores, config.data.class_names))
     if 'isbi_rand_error' in scores and config.data.source in evaluator.ISBI_SOURCES:

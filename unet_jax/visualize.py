@@ -21,11 +21,13 @@ unet_jax/plots.py use the same colours, so class k looks the same in every figur
 
 from __future__ import annotations
 
-import os
+import io
 from typing import Sequence
 
 import numpy as np
 from PIL import Image
+
+from unet_jax import storage
 
 PALETTE = np.array([[0, 0, 0], [230, 25, 45], [60, 180, 75], [0, 130, 200], [255, 225, 25],
                     [240, 50, 230], [70, 240, 240]], np.uint8)
@@ -75,10 +77,16 @@ def comparison_panel(image: np.ndarray, truth: np.ndarray, prediction: np.ndarra
 def write_panels(directory: str, images: Sequence[np.ndarray], truths: Sequence[np.ndarray],
                  predictions: Sequence[np.ndarray], *, prefix: str = 'val') -> list[str]:
   """One `comparison_panel` PNG per example, `<directory>/<prefix>_000.png`, …; returns paths."""
-  os.makedirs(directory, exist_ok=True)
   paths = []
   for i, (image, truth, pred) in enumerate(zip(images, truths, predictions)):
-    path = os.path.join(directory, f'{prefix}_{i:03d}.png')
-    Image.fromarray(comparison_panel(image, truth, pred)).save(path)
+    path = storage.join(directory, f'{prefix}_{i:03d}.png')
+    storage.write_atomic(path, png_bytes(comparison_panel(image, truth, pred)))
     paths.append(path)
   return paths
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+  """`array` (H, W) or (H, W, 3) uint8 encoded as a PNG file."""
+  buffer = io.BytesIO()
+  Image.fromarray(array).save(buffer, format='PNG')
+  return buffer.getvalue()

@@ -22,6 +22,7 @@ import pytest
 
 from experiments import quickstart
 from unet_jax import checkpointing
+from unet_jax import storage
 from unet_jax.training import metric_writers
 from unet_jax.training import loop
 from unet_jax.training import train_step
@@ -42,23 +43,30 @@ def _launch(workdir):
 def _curve(workdir):
   """step → loss; a step redone after a kill is logged twice and must agree with itself."""
   curve = {}
-  for record in metric_writers.read_jsonl(os.path.join(workdir, 'metrics.jsonl')):
+  for record in metric_writers.read_jsonl(storage.join(workdir, 'metrics.jsonl')):
     if 'train/loss' in record:
       assert curve.setdefault(record['step'], record['train/loss']) == record['train/loss']
   return curve
 
 
 def _logged_steps(workdir):
-  path = os.path.join(workdir, 'metrics.jsonl')
-  return len(_curve(workdir)) if os.path.exists(path) else 0
+  path = storage.join(workdir, 'metrics.jsonl')
+  return len(_curve(workdir)) if storage.exists(path) else 0
 
 
-def test_kill_9_repeatedly_then_resume_equals_an_uninterrupted_run(tmp_path):
-  reference = _launch(tmp_path / 'reference')
+@pytest.fixture(scope='module')
+def uninterrupted_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('uninterrupted') / 'run')
+  reference = _launch(workdir)
   out, _ = reference.communicate(timeout=600)
   assert reference.returncode == 0, out
+  return workdir
 
-  workdir = tmp_path / 'killed'
+
+def test_kill_9_repeatedly_then_resume_equals_an_uninterrupted_run(uninterrupted_run,
+                                                                    storage_root):
+  """On local disk and in a bucket, where a kill also cuts checkpoint uploads short."""
+  workdir = storage.join(storage_root, 'killed')
   rng = random.Random(0)
   kills = 0
   for target in (rng.randint(3, 6), rng.randint(8, 12), rng.randint(14, 17)):
@@ -75,10 +83,10 @@ def test_kill_9_repeatedly_then_resume_equals_an_uninterrupted_run(tmp_path):
   out, _ = final.communicate(timeout=600)
   assert final.returncode == 0, out
 
-  ref = json.load(open(tmp_path / 'reference' / 'final_metrics.json'))
-  got = json.load(open(workdir / 'final_metrics.json'))
+  ref = json.loads(storage.read_text(storage.join(uninterrupted_run, 'final_metrics.json')))
+  got = json.loads(storage.read_text(storage.join(workdir, 'final_metrics.json')))
   assert got == ref  # bit for bit: same seed, same batches from the restored iterator
-  assert _curve(workdir) == _curve(tmp_path / 'reference')
+  assert _curve(workdir) == _curve(uninterrupted_run)
 
 
 def _trained(tmp_path, **overrides):
@@ -135,7 +143,7 @@ def test_a_corrupted_latest_checkpoint_is_moved_aside_and_the_run_resumes_past_i
   assert any('checkpoints/6 is unreadable and is skipped' in r.getMessage()
              for r in caplog.records)
   # Kept for inspection, out of the way: the resumed run saves step 6 anew.
-  assert (tmp_path / 'checkpoints' / 'quarantine' / '6' / 'state').is_dir()
+  assert (tmp_path / 'checkpoints_quarantine' / '6' / 'state').is_dir()
   assert checkpointing.complete_steps(str(tmp_path / 'checkpoints')) == [2, 4]
   config.num_steps = 8
   scores = loop.train_and_evaluate(config, str(tmp_path))
@@ -148,7 +156,7 @@ def test_when_no_checkpoint_is_readable_the_run_stops_unless_restarted(trained_r
     _corrupt(tmp_path / 'checkpoints' / str(step))
   with pytest.raises(checkpointing.CheckpointReadError, match='rerun with --restart'):
     loop.train_and_evaluate(config, str(tmp_path))
-  quarantined = sorted(os.listdir(tmp_path / 'checkpoints' / 'quarantine'))
+  quarantined = sorted(os.listdir(tmp_path / 'checkpoints_quarantine'))
   assert quarantined == ['2', '4', '6']
   scores = loop.train_and_evaluate(config, str(tmp_path), restart=True)
   assert scores and json.load(open(tmp_path / 'final_metrics.json'))['step'] == 6
@@ -171,7 +179,7 @@ def test_a_half_deleted_old_checkpoint_is_moved_aside_not_listed(trained_run, tm
       'deletion was cut short); choose another step')
   manager = checkpointing.run_manager(config, str(tmp_path))  # a training run clears it away
   assert manager.all_steps() == [4, 6]
-  assert (tmp_path / 'checkpoints' / 'quarantine' / '2').is_dir()
+  assert (tmp_path / 'checkpoints_quarantine' / '2').is_dir()
   manager.close()
 
 

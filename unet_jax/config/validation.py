@@ -32,6 +32,7 @@ import ml_collections
 import numpy as np
 
 from unet_jax import sharding
+from unet_jax import storage
 from unet_jax.augment import transforms
 from unet_jax.config import overrides
 from unet_jax.datasets import procedural
@@ -247,6 +248,9 @@ def _check_data(config: ml_collections.ConfigDict, *, data_paths: bool) -> None:
   if not data_paths:
     return
   for field, value, problem, expected in sources.SOURCES[data.source].path_problems(data):
+    for path in ([value] if isinstance(value, str) else value or ()):
+      # A bucket that is missing or refuses this account is the cause to name, not the path.
+      storage.check_readable(path, field=f'config.data.{field}')
     raise ConfigError(f'config.data.{field}', value, problem, expected)
 
 

@@ -22,11 +22,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 from typing import Any
 
 import numpy as np
 
+from unet_jax import storage
 from unet_jax.datasets.dataset import DataError
 
 log = logging.getLogger('unet_jax')
@@ -51,7 +51,7 @@ def _read_tiff(path: str, what: str) -> np.ndarray:
   handler, tiff_log = _Collect(level=logging.WARNING), logging.getLogger('tifffile')
   tiff_log.addHandler(handler)
   try:
-    array = tifffile.imread(path)
+    array = tifffile.imread(storage.readable(path))
   finally:
     tiff_log.removeHandler(handler)
   if problems:
@@ -62,7 +62,7 @@ def _read_tiff(path: str, what: str) -> np.ndarray:
 
 def _read_png(path: str, max_pixels: int) -> np.ndarray:
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  with Image.open(path) as image:
+  with Image.open(storage.readable(path)) as image:
     width, height = image.size
     if width * height > max_pixels:
       raise DataError(f'{path} claims {width}×{height} = {width * height:,} pixels, more than the '
@@ -73,7 +73,7 @@ def _read_png(path: str, max_pixels: int) -> np.ndarray:
 def read_image(path: str, what: str = 'image', *, max_pixels: int = DEFAULT_MAX_PIXELS
                ) -> np.ndarray:
   """The raw array of a PNG (Pillow) or TIFF (tifffile) file; DataError naming the file."""
-  if not os.path.isfile(path):
+  if not storage.is_file(path):
     raise FileNotFoundError(f'{what} file {path} does not exist')
   try:
     if path.lower().endswith('.png'):
@@ -198,16 +198,14 @@ def images_to_uint8(images: np.ndarray) -> np.ndarray:
 
 
 def save_scaling(scaling: IntensityScaling, workdir: str) -> str:
-  path = os.path.join(workdir, SCALING_FILE)
-  with open(path, 'w', encoding='utf-8') as f:
-    json.dump(scaling.to_dict(), f, indent=2)
+  path = storage.join(workdir, SCALING_FILE)
+  storage.write_atomic(path, json.dumps(scaling.to_dict(), indent=2))
   return path
 
 
 def load_scaling(workdir: str) -> IntensityScaling:
   """The rule a run in `workdir` was trained with; uint8 as is for runs that saved none."""
-  path = os.path.join(workdir, SCALING_FILE)
-  if not os.path.exists(path):
+  path = storage.join(workdir, SCALING_FILE)
+  if not storage.exists(path):
     return IntensityScaling()
-  with open(path, encoding='utf-8') as f:
-    return IntensityScaling.from_dict(json.load(f))
+  return IntensityScaling.from_dict(json.loads(storage.read_text(path)))

@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 from typing import Any, Sequence
 
 import numpy as np
 
+from unet_jax import storage
 from unet_jax.datasets import images as image_files
 from unet_jax.datasets import procedural
 from unet_jax.datasets.dataset import IGNORE_CLASS, DataError, Dataset, as_volume
@@ -108,21 +110,27 @@ def _natural_key(name: str) -> list[object]:
 
 def _list_by_stem(directory: str, what: str, field: str) -> dict[str, str]:
   """Stem → path of the PNG/TIFF files in `directory`; other files are ignored."""
-  if not directory or not os.path.isdir(directory):
+  if not storage.is_dir(directory):
     raise FileNotFoundError(f'config.data.{field}={directory!r} is not a directory')
   files: dict[str, str] = {}
-  for name in sorted(os.listdir(directory)):
+  for name in storage.list_names(directory):
     stem, ext = os.path.splitext(name)
     if name.startswith('.') or ext.lower() not in image_files.IMAGE_EXTENSIONS:
       continue
     if stem in files:
-      raise DataError(f'{what} files {files[stem]} and {os.path.join(directory, name)} share the '
+      raise DataError(f'{what} files {files[stem]} and {storage.join(directory, name)} share the '
                       f'stem {stem!r}; keep one of them')
-    files[stem] = os.path.join(directory, name)
+    files[stem] = storage.join(directory, name)
   if not files:
     raise ValueError(f'config.data.{field}={directory!r} holds no {what} files '
                      f'({", ".join(image_files.IMAGE_EXTENSIONS)})')
   return dict(sorted(files.items(), key=lambda item: _natural_key(item[0])))
+
+
+def _same_directory(a: str, b: str) -> bool:
+  if storage.is_remote(a) or storage.is_remote(b):
+    return a.rstrip('/') == b.rstrip('/')
+  return os.path.samefile(a, b)
 
 
 def match_files(images_dir: str, masks_dir: str, *,
@@ -134,7 +142,7 @@ def match_files(images_dir: str, masks_dir: str, *,
   """
   images = _list_by_stem(images_dir, 'image', 'images_dir')
   masks = _list_by_stem(masks_dir, 'mask', 'masks_dir')
-  if os.path.samefile(images_dir, masks_dir):
+  if _same_directory(images_dir, masks_dir):
     raise ValueError(f'config.data.images_dir and config.data.masks_dir are both {images_dir!r}; '
                      'keep images and masks in separate directories')
   pairs, used = [], set()
@@ -227,8 +235,16 @@ def load_tfds(name: str, *, data_dir: str, split: str, image_key: str = 'image',
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   where = f'TFDS dataset {name!r} split {split!r} in {data_dir}'
-  if not data_dir or not os.path.isdir(data_dir):
+  if not storage.is_dir(data_dir):
     raise FileNotFoundError(f'config.data.tfds_data_dir={data_dir!r} is not a directory')
+  if storage.is_remote(data_dir):
+    # array_record's reader opens local files only: the dataset's folder is downloaded to a
+    # temporary folder, read into memory like a local one, and the copy removed.
+    folder = name.split(':')[0]
+    with tempfile.TemporaryDirectory(prefix='unet_jax_tfds_') as local:
+      storage.download_tree(storage.join(data_dir, folder), os.path.join(local, folder))
+      return load_tfds(name, data_dir=local, split=split, image_key=image_key,
+                       label_key=label_key, num_classes=num_classes, ignore_label=ignore_label)
   try:
     source = tfds.data_source(name, data_dir=data_dir, split=split, download=False)
   except NotImplementedError as e:
@@ -331,7 +347,7 @@ def isbi_as_volume(directory: str) -> Dataset:
 
 
 def _read_tiff_stack(path: str, what: str) -> np.ndarray:
-  if not os.path.isfile(path):
+  if not storage.is_file(path):
     raise FileNotFoundError(f'{what} file {path} does not exist; see data/README.md for how to '
                             'obtain the ISBI 2012 stacks')
   array = image_files.read_image(path, what)
@@ -355,11 +371,11 @@ def isbi_labels_to_classes(labels: np.ndarray, *, path: str) -> np.ndarray:
 
 def load_isbi(directory: str) -> Dataset:
   """Reads the ISBI 2012 training stacks from `directory` with checks that name the file."""
-  if not directory or not os.path.isdir(directory):
+  if not storage.is_dir(directory):
     raise FileNotFoundError(f'config.data.directory={directory!r} is not a directory; it must hold '
                             f'{ISBI_FILES["images"]} and {ISBI_FILES["labels"]}')
-  image_path = os.path.join(directory, ISBI_FILES['images'])
-  label_path = os.path.join(directory, ISBI_FILES['labels'])
+  image_path = storage.join(directory, ISBI_FILES['images'])
+  label_path = storage.join(directory, ISBI_FILES['labels'])
   stack = _read_tiff_stack(image_path, 'image')
   labels = _read_tiff_stack(label_path, 'label')
   if stack.shape != labels.shape:

@@ -20,11 +20,11 @@ The ISBI polarity on disk (255 = cell interior, 0 = membrane) maps to class ids 
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Callable
 
 import numpy as np
 
+from unet_jax import storage
 from unet_jax.datasets import loaders
 from unet_jax.datasets import weight_maps
 from unet_jax.datasets.dataset import Dataset, as_volume, split, split_volume_z
@@ -71,8 +71,8 @@ def _isbi_paths(data: Any) -> list[PathProblem]:
   expected = f'a directory with {" and ".join(files)} (see data/README.md)'
   if not data.directory:
     return [('directory', data.directory, 'is not set', expected)]
-  missing = [f for f in files if not os.path.isfile(os.path.join(data.directory, f))]
-  if not os.path.isdir(data.directory) or missing:
+  missing = [f for f in files if not storage.is_file(storage.join(data.directory, f))]
+  if not storage.is_dir(data.directory) or missing:
     return [('directory', data.directory,
              f'is not a directory holding {" and ".join(missing or ["the stacks"])}', expected)]
   return []
@@ -83,7 +83,7 @@ def _folder_paths(data: Any) -> list[PathProblem]:
            f'the folder of {field.split("s_")[0]} files (PNG or TIFF) for '
            "config.data.source='folder'")
           for field in ('images_dir', 'masks_dir')
-          if not data[field] or not os.path.isdir(data[field])]
+          if not storage.is_dir(data[field])]
 
 
 def _volume_paths(data: Any) -> list[PathProblem]:
@@ -94,11 +94,11 @@ def _volume_paths(data: Any) -> list[PathProblem]:
   return [(field, data[field], f'names {path}, which does not exist',
            'existing multi-page TIFF files')
           for field in ('image_paths', 'label_paths') for path in data[field]
-          if not os.path.isfile(path)]
+          if not storage.is_file(path)]
 
 
 def _tfds_paths(data: Any) -> list[PathProblem]:
-  if os.path.isdir(data.tfds.data_dir):
+  if storage.is_dir(data.tfds.data_dir):
     return []
   return [('tfds.data_dir', data.tfds.data_dir, 'is not a directory',
            'the TFDS data_dir holding the ArrayRecord dataset')]

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
+
 from typing import Any, Callable, Sequence
 
 import jax
@@ -30,6 +30,7 @@ import numpy as np
 from jax import export as jax_export
 
 from unet_jax import checkpointing
+from unet_jax import storage
 from unet_jax.datasets import images as image_files
 from unet_jax.inference import tiled
 from unet_jax.inference import tiling
@@ -88,18 +89,14 @@ def save(exported: jax_export.Exported, path: str, *,
       'jax_version': jax.__version__,
       'metadata': metadata or {},
   }
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  with open(path, 'wb') as f:
-    f.write(exported.mlir_module_serialized)
-  with open(path + '.json', 'w', encoding='utf-8') as f:
-    json.dump(record, f, indent=2)
+  # The module first: a signature file never describes a module that is not there.
+  storage.write_atomic(path, exported.mlir_module_serialized)
+  storage.write_atomic(path + '.json', json.dumps(record, indent=2))
   return [path, path + '.json']
 
 
 def read_signature(path: str) -> dict[str, Any]:
-  with open(path + '.json', encoding='utf-8') as f:
-    record = json.load(f)
+  record = json.loads(storage.read_text(path + '.json'))
   if record.get('format') != FORMAT:
     raise ValueError(f'{path}.json is not a {FORMAT} signature (format={record.get("format")!r})')
   return record
@@ -113,8 +110,7 @@ def load(path: str) -> jax_export.Exported:
   module replaces the stand-in's.
   """
   record = read_signature(path)
-  with open(path, 'rb') as f:
-    module = f.read()
+  module = storage.read_bytes(path)
   spec_in, spec_out = record['input'], record['output']
   shape_in = jax_export.symbolic_shape(', '.join(str(d) for d in spec_in['shape']))
   fixed_out = tuple(spec_out['shape'][1:])
@@ -142,6 +138,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, output_path: str, *,
   The signature file records what a caller needs besides the module: tile and output shapes,
   the mirror border, the translation step for tile placement, normalisation and class names.
   """
+  # Before the checkpoint is read and anything compiles.
+  storage.check_writable(storage.parent(output_path), flag='--output')
   restored = checkpointing.restore_for_inference(config, workdir, checkpoint=checkpoint)
   tile = tile_size if tile_size is not None else config.data.crop_size
   try:

@@ -29,6 +29,7 @@ names it; the others are still predicted and the count of skipped files is repor
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 import os
 from typing import Any, Sequence
@@ -39,6 +40,7 @@ import numpy as np
 
 from unet_jax import checkpointing
 from unet_jax import sharding
+from unet_jax import storage
 from unet_jax import visualize
 from unet_jax.datasets import images as image_files
 from unet_jax.datasets.dataset import DataError
@@ -67,12 +69,13 @@ class Summary:
 
 def list_inputs(input_path: str) -> list[str]:
   """The image files named by `input_path`: the file itself or a folder's PNG/TIFF files."""
-  if os.path.isdir(input_path):
-    names = sorted(n for n in os.listdir(input_path) if n.lower().endswith(image_files.IMAGE_EXTENSIONS))
+  if storage.is_dir(input_path):
+    names = [n for n in storage.list_names(input_path)
+             if n.lower().endswith(image_files.IMAGE_EXTENSIONS)]
     if not names:
       raise FileNotFoundError(f'{input_path} holds no {"/".join(image_files.IMAGE_EXTENSIONS)} files')
-    return [os.path.join(input_path, n) for n in names]
-  if not os.path.isfile(input_path):
+    return [storage.join(input_path, n) for n in names]
+  if not storage.is_file(input_path):
     raise FileNotFoundError(f'input {input_path} is neither a file nor a folder')
   return [input_path]
 
@@ -139,25 +142,20 @@ def isbi_submission(probabilities: np.ndarray, *, membrane_class: int) -> np.nda
 def _write_outputs(stem: str, output_dir: str, raw: np.ndarray, classes: np.ndarray,
                    probabilities: np.ndarray, *, as_png: bool, write_probabilities: bool,
                    write_overlays: bool, submission_class: int | None) -> list[str]:
-  import tifffile  # pylint: disable=g-import-not-at-top
-  from PIL import Image  # pylint: disable=g-import-not-at-top
   written = []
-  mask_path = os.path.join(output_dir, f'{stem}_mask.{"png" if as_png else "tif"}')
-  if as_png:
-    Image.fromarray(classes[0]).save(mask_path)
-  else:
-    tifffile.imwrite(mask_path, classes if classes.shape[0] > 1 else classes[0],
-                     photometric='minisblack')
+  mask_path = storage.join(output_dir, f'{stem}_mask.{"png" if as_png else "tif"}')
+  storage.write_atomic(mask_path, visualize.png_bytes(classes[0]) if as_png else
+                       _tiff_bytes(classes if classes.shape[0] > 1 else classes[0]))
   written.append(mask_path)
   if write_probabilities:
-    path = os.path.join(output_dir, f'{stem}_probabilities.tif')
-    tifffile.imwrite(path, probabilities if probabilities.shape[0] > 1 else probabilities[0],
-                     photometric='minisblack')
+    path = storage.join(output_dir, f'{stem}_probabilities.tif')
+    storage.write_atomic(path, _tiff_bytes(probabilities if probabilities.shape[0] > 1
+                                           else probabilities[0]))
     written.append(path)
   if submission_class is not None:
-    path = os.path.join(output_dir, f'{stem}_isbi_submission.tif')
-    tifffile.imwrite(path, isbi_submission(probabilities, membrane_class=submission_class),
-                     photometric='minisblack')
+    path = storage.join(output_dir, f'{stem}_isbi_submission.tif')
+    storage.write_atomic(path, _tiff_bytes(isbi_submission(probabilities,
+                                                           membrane_class=submission_class)))
     written.append(path)
   if write_overlays:
     # One overlay per 2D slice: images have one, stacks one per page, volumes one per z.
@@ -165,10 +163,17 @@ def _write_outputs(stem: str, output_dir: str, raw: np.ndarray, classes: np.ndar
     class_slices = classes.reshape(-1, *classes.shape[-2:])
     for i, (image, labels) in enumerate(zip(raw_slices, class_slices)):
       name = f'{stem}_overlay.png' if len(class_slices) == 1 else f'{stem}_overlay_{i:03d}.png'
-      path = os.path.join(output_dir, name)
-      Image.fromarray(visualize.overlay(_gray(image), labels)).save(path)
+      path = storage.join(output_dir, name)
+      storage.write_atomic(path, visualize.png_bytes(visualize.overlay(_gray(image), labels)))
       written.append(path)
   return written
+
+
+def _tiff_bytes(array: np.ndarray) -> bytes:
+  import tifffile  # pylint: disable=g-import-not-at-top
+  buffer = io.BytesIO()
+  tifffile.imwrite(buffer, array, photometric='minisblack')
+  return buffer.getvalue()
 
 
 def _stems(paths: Sequence[str]) -> list[str]:
@@ -211,6 +216,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, input_path: str, output
   if tta not in tiled.TTA_MODES:
     raise ValueError(f'tta={tta!r} is not one of {tiled.TTA_MODES}')
   paths = list_inputs(input_path)
+  if jax.process_index() == 0:  # before the checkpoint is read and anything compiles
+    storage.check_writable(output_dir, flag='--output')
   # Tile batches are split over the devices of training; the variables are replicated.
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
   restored = checkpointing.restore_for_inference(config, workdir, checkpoint=checkpoint,
@@ -226,8 +233,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, input_path: str, output
       batch_size=batch_size or config.eval_batch_size, overlap=overlap, blend=blend, mesh=mesh,
       progress=progress and jax.process_index() == 0)
   chief = jax.process_index() == 0
-  if chief:
-    os.makedirs(output_dir, exist_ok=True)
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   summary = Summary(step=restored.step)
   submission_class = (config.eval.membrane_class

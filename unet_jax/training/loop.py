@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import signal
 import threading
 import time
@@ -26,6 +25,7 @@ import numpy as np
 
 from unet_jax import checkpointing
 from unet_jax import sharding
+from unet_jax import storage
 from unet_jax.datasets import images as image_files
 from unet_jax.datasets import pipeline
 from unet_jax.datasets import sources
@@ -152,7 +152,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   that holds a run with another config (beyond RESUMABLE_CHANGES) is refused unless
   `allow_config_change`, and one that another live launcher holds is refused. `restart` trains
   from step 0 when the workdir has checkpoints but none is readable (they are kept in
-  checkpoints/quarantine/).
+  checkpoints_quarantine/).
   """
   workdir_lib.check_workdir(config, workdir, allow_config_change=allow_config_change)
   with workdir_lib.WorkdirLock(workdir, enabled=jax.process_index() == 0):
@@ -182,9 +182,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, *, restart: bool
   divergence = _Divergence(config, extra.get('divergence'))
   start_step = int(state.step)
   if chief:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
-      f.write(config.to_json_best_effort(indent=2))
+    storage.write_atomic(storage.join(workdir, 'config.json'), config.to_json_best_effort(indent=2))
     # Prediction and export apply the intensity rule the model was trained with.
     image_files.save_scaling(dataset.scaling or image_files.IntensityScaling(), workdir)
     log.info('%s from step %d; %d train / %d val examples; %d devices; %s parameters',
@@ -199,6 +197,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, *, restart: bool
   def save(step, scores=None):
     extra = {'iterator': train_iter.get_state(), 'early_stopping': early_stopping.record(),
              'divergence': divergence.record()}
+    writer.flush()  # the metrics of the steps a checkpoint covers are stored before it is
     checkpointing.save(manager, step, state, extra,
                        metrics={k: v for k, v in (scores or {}).items() if np.isfinite(v)} or None)
 
@@ -268,9 +267,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, *, restart: bool
     scores = evaluator.evaluate(eval_fn, state, val_set, config, setup.model, mesh,
                                  extra_metrics=extras)
   if chief:
-    with open(os.path.join(workdir, 'final_metrics.json'), 'w', encoding='utf-8') as f:
-      json.dump({'step': int(state.step), 'stopped_early': stopped_early, **scores}, f, indent=2,
-                sort_keys=True)
+    storage.write_atomic(storage.join(workdir, 'final_metrics.json'), json.dumps(
+        {'step': int(state.step), 'stopped_early': stopped_early, **scores}, indent=2,
+        sort_keys=True))
     log.info('final (step %d): %s', int(state.step),
              evaluator.format_scores(scores, config.data.class_names))
     if 'isbi_rand_error' in scores and config.data.source in evaluator.ISBI_SOURCES:

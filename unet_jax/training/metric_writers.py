@@ -1,15 +1,33 @@
 """Where metrics go: a JSON-lines file and TensorBoard event files in the workdir.
 
 Only process 0 writes; the others get a writer that drops everything, so callers never branch.
+The workdir may be a bucket (gs://...): both files are then storage.GrowingFiles, rewritten
+whole at most every few seconds and on `flush(force=True)`, which the loop calls before every
+checkpoint. TensorBoard reads such a logdir directly: `tensorboard --logdir=gs://bucket/run`.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from typing import Mapping
+
+from unet_jax import storage
+
+
+class _GrowingFileFactory:
+  """tensorboardX's hook for event files under a URL scheme: they become GrowingFiles."""
+
+  def __init__(self):
+    self.files: list[storage.GrowingFile] = []
+
+  def open(self, path: str) -> storage.GrowingFile:
+    self.files.append(storage.GrowingFile(path, keep_existing=False))
+    return self.files[-1]
+
+  def directory_check(self, path: str) -> None:
+    del path  # a bucket has no directories to create
 
 
 class MetricWriter:
@@ -19,12 +37,17 @@ class MetricWriter:
     self._enabled = enabled
     self._jsonl = None
     self._tb = None
+    self._event_files = _GrowingFileFactory()
     if not enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', encoding='utf-8')
-    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-    self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+    self._jsonl = storage.GrowingFile(storage.join(workdir, 'metrics.jsonl'))
+    # pylint: disable-next=g-import-not-at-top  (tensorboardX is only needed on process 0)
+    from tensorboardX import SummaryWriter, record_writer
+    if storage.is_remote(workdir):
+      # Instead of tensorboardX's own gs:// writer, which uploads on every flush and once more
+      # from __del__ at interpreter exit.
+      record_writer.register_writer_factory(workdir.split('://')[0], self._event_files)
+    self._tb = SummaryWriter(storage.join(workdir, 'tensorboard'))
 
   def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
     if not self._enabled:
@@ -37,6 +60,14 @@ class MetricWriter:
     for key, value in clean.items():
       self._tb.add_scalar(key, value, int(step))
     self._tb.flush()
+
+  def flush(self) -> None:
+    """Everything written so far is stored, in a bucket too (before a checkpoint)."""
+    if self._enabled:
+      self._jsonl.flush(force=True)
+      self._tb.flush()  # hands queued events to the event files
+      for events in self._event_files.files:
+        events.flush(force=True)
 
   def close(self) -> None:
     if self._enabled:
@@ -54,14 +85,13 @@ def progress_bar(total: int, initial: int, *, enabled: bool):
 def read_jsonl(path: str) -> list[dict]:
   """The records of metrics.jsonl; a last line cut short by a killed process is left out."""
   records = []
-  with open(path, encoding='utf-8') as f:
-    for line in f:
-      if line.strip():
-        try:
-          records.append(json.loads(line))
-        except json.JSONDecodeError:
-          if line.endswith('\n'):  # only the very last write can be cut short
-            raise
+  for line in storage.read_text(path).splitlines(keepends=True):
+    if line.strip():
+      try:
+        records.append(json.loads(line))
+      except json.JSONDecodeError:
+        if line.endswith('\n'):  # only the very last write can be cut short
+          raise
   return records
 
 

@@ -21,9 +21,9 @@ imports this module are touched.
 from __future__ import annotations
 
 import functools
+import io
 import logging
 import math
-import os
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -37,6 +37,7 @@ from unet_jax.datasets.dataset import Dataset
 from unet_jax.models import whole_image
 from unet_jax.training import metric_writers
 from unet_jax import sharding
+from unet_jax import storage
 from unet_jax import visualize
 
 log = logging.getLogger('unet_jax')
@@ -63,9 +64,10 @@ def _figure(width: float, height: float):
 
 
 def _save(figure: Any, out_dir: str, filename: str) -> str:
-  os.makedirs(out_dir, exist_ok=True)
-  path = os.path.join(out_dir, filename)
-  figure.savefig(path, dpi=DPI, facecolor='white')
+  path = storage.join(out_dir, filename)
+  buffer = io.BytesIO()
+  figure.savefig(buffer, format='png', dpi=DPI, facecolor='white')
+  storage.write_atomic(path, buffer.getvalue())
   return path
 
 
@@ -138,7 +140,7 @@ def plot_curves(metrics_jsonl_path: str, out_dir: str, *,
   Returns:
     The paths written, loss.png first.
   """
-  if not os.path.exists(metrics_jsonl_path):
+  if not storage.exists(metrics_jsonl_path):
     raise FileNotFoundError(f'{metrics_jsonl_path} does not exist; it is written by training')
   series = _series(metric_writers.latest_per_step(metric_writers.read_jsonl(metrics_jsonl_path)))
   if 'train/loss' not in series:
@@ -331,12 +333,12 @@ def write_run_plots(state: Any, model: Any, dataset: Dataset,
   the chief writes. Never raises: a figure that fails is logged as a warning and skipped, since
   the run's checkpoints and scores are already saved and must not be lost to a plot.
   """
-  out_dir = os.path.join(workdir, 'plots')
+  out_dir = storage.join(workdir, 'plots')
   class_names = tuple(config.data.class_names)
   paths: list[str] = []
   if chief:
     try:
-      paths += plot_curves(os.path.join(workdir, 'metrics.jsonl'), out_dir,
+      paths += plot_curves(storage.join(workdir, 'metrics.jsonl'), out_dir,
                            class_names=class_names)
     except Exception as e:  # pylint: disable=broad-except  (a figure must not fail the run)
       log.warning('loss/metric curves not written to %s (%s: %s)', out_dir, type(e).__name__, e)
@@ -345,7 +347,7 @@ def write_run_plots(state: Any, model: Any, dataset: Dataset,
     try:
       examples = predict_examples(state, model, dataset, config, mesh, count)
       if chief:
-        paths += visualize.write_panels(os.path.join(workdir, 'predictions'), *examples)
+        paths += visualize.write_panels(storage.join(workdir, 'predictions'), *examples)
         paths.append(plot_predictions(*(e[:MAX_PREDICTION_ROWS] for e in examples), out_dir,
                                       class_names=class_names))
     except Exception as e:  # pylint: disable=broad-except

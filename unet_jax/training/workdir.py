@@ -6,9 +6,12 @@ RESUMABLE_CHANGES is refused unless the caller allows it, and evaluating it with
 names the fields that differ (`config_differences`).
 
 `WorkdirLock` keeps a second launcher out: process 0 of a run creates `workdir/run.lock`
-atomically, holding its pid, host and start time, and removes it when the run ends. A lock whose
-owner is provably dead (same host, and that pid no longer runs or is another process) is taken
-over; any other lock refuses the run with one line.
+atomically (O_EXCL on a disk, a create-only precondition in a bucket), holding its pid, host and
+start time, refreshes the lock's heartbeat every LOCK_HEARTBEAT_SECONDS, and removes it when the
+run ends. A lock whose owner is provably dead is taken over: on the same host, that pid no longer
+runs or is another process; on any host, its heartbeat is older than LOCK_STALE_SECONDS (a
+preempted TPU VM never removes its lock from the bucket). Any other lock refuses the run with
+one line.
 """
 
 from __future__ import annotations
@@ -17,14 +20,20 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 from typing import Any
 
-import jax
 import ml_collections
+
+from unet_jax import storage
 
 log = logging.getLogger('unet_jax')
 LOCK_FILE = 'run.lock'
+# A live launcher rewrites its lock this often; one silent for LOCK_STALE_SECONDS (five missed
+# beats: a long pause of the VM, a slow bucket) is dead wherever it ran.
+LOCK_HEARTBEAT_SECONDS = 60.0
+LOCK_STALE_SECONDS = 300.0
 
 
 class WorkdirBusyError(OSError):
@@ -50,16 +59,23 @@ class WorkdirLock:
   """`with WorkdirLock(workdir, enabled=chief):` holds `workdir/run.lock` for the run."""
 
   def __init__(self, workdir: str, *, enabled: bool = True):
-    self.path = os.path.join(workdir, LOCK_FILE)
+    self.path = storage.join(workdir, LOCK_FILE)
+    self.workdir = workdir
     self.enabled = enabled
     self._held = False
+    self._record: dict[str, Any] = {}
+    self._stop_beating = threading.Event()
+    self._beater: threading.Thread | None = None
 
-  def _record(self) -> dict[str, Any]:
+  def _new_record(self) -> dict[str, Any]:
     return {'pid': os.getpid(), 'host': socket.gethostname(),
             'process_start': _process_start(os.getpid()),
-            'started': time.strftime('%Y-%m-%d %H:%M:%S %Z')}
+            'started': time.strftime('%Y-%m-%d %H:%M:%S %Z'), 'heartbeat': time.time()}
 
   def _owner_is_dead(self, owner: dict[str, Any]) -> bool:
+    beat = owner.get('heartbeat')
+    if isinstance(beat, (int, float)) and time.time() - beat > LOCK_STALE_SECONDS:
+      return True
     if owner.get('host') != socket.gethostname():
       return False  # another machine's process cannot be checked from here
     start = _process_start(int(owner.get('pid', -1)))
@@ -70,36 +86,43 @@ class WorkdirLock:
     if not self.enabled:
       return
     for _ in range(2):
+      self._record = self._new_record()
+      if storage.create_exclusive(self.path, json.dumps(self._record).encode()):
+        self._held = True
+        self._beater = threading.Thread(target=self._beat, daemon=True, name='workdir-lock')
+        self._beater.start()
+        return
       try:
-        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-      except FileExistsError:
-        try:
-          with open(self.path, encoding='utf-8') as f:
-            owner = json.load(f)
-        except (OSError, ValueError):
-          owner = {}  # a lock file cut short while written: its owner died at once
-        if owner and not self._owner_is_dead(owner):
-          raise WorkdirBusyError(
-              f'workdir {os.path.dirname(self.path)} is in use by pid {owner.get("pid")} on '
-              f'{owner.get("host")} since {owner.get("started")}; wait for that run, or use '
-              f'another --workdir (remove {self.path} only if that process is gone)') from None
-        log.warning('taking over %s from a run that is no longer alive (%s)', self.path,
-                    owner or 'unreadable lock')
-        os.remove(self.path)
-        continue
-      with os.fdopen(fd, 'w', encoding='utf-8') as f:
-        json.dump(self._record(), f)
-      self._held = True
-      return
+        owner = json.loads(storage.read_text(self.path))
+      except FileNotFoundError:
+        continue  # released between the two calls
+      except (OSError, ValueError):
+        owner = {}  # a lock file cut short while written: its owner died at once
+      if owner and not self._owner_is_dead(owner):
+        raise WorkdirBusyError(
+            f'workdir {self.workdir} is in use by pid {owner.get("pid")} on '
+            f'{owner.get("host")} since {owner.get("started")}; wait for that run, or use '
+            f'another --workdir (remove {self.path} only if that process is gone)')
+      log.warning('taking over %s from a run that is no longer alive (%s)', self.path,
+                  owner or 'unreadable lock')
+      storage.remove(self.path)
     raise WorkdirBusyError(f'{self.path} could not be taken; another launcher took it first')
+
+  def _beat(self) -> None:
+    while not self._stop_beating.wait(LOCK_HEARTBEAT_SECONDS):
+      self._record['heartbeat'] = time.time()
+      try:
+        storage.write_atomic(self.path, json.dumps(self._record))
+      except OSError as e:  # a missed beat is retried; the run itself goes on
+        log.warning('could not refresh %s (%s)', self.path, e)
 
   def release(self) -> None:
     if self._held:
       self._held = False
-      try:
-        os.remove(self.path)
-      except FileNotFoundError:
-        pass
+      self._stop_beating.set()
+      if self._beater is not None:
+        self._beater.join()
+      storage.remove(self.path)
 
   def __enter__(self) -> 'WorkdirLock':
     self.acquire()
@@ -130,11 +153,10 @@ def config_differences(config: ml_collections.ConfigDict, workdir: str, *,
                        ignore: tuple[str, ...] = RESUMABLE_CHANGES) -> list[str]:
   """'field: saved → current' for every field where `config` differs from the workdir's saved
   config.json (fields in `ignore` and their children aside); [] if none is saved."""
-  saved_path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(saved_path):
+  saved_path = storage.join(workdir, 'config.json')
+  if not storage.exists(saved_path):
     return []
-  with open(saved_path, encoding='utf-8') as f:
-    saved = _flatten(json.load(f))
+  saved = _flatten(json.loads(storage.read_text(saved_path)))
   current = _flatten(json.loads(config.to_json_best_effort()))
   changed = sorted(k for k in saved.keys() | current.keys()
                    if saved.get(k) != current.get(k)
@@ -144,19 +166,9 @@ def config_differences(config: ml_collections.ConfigDict, workdir: str, *,
 
 def check_workdir(config: ml_collections.ConfigDict, workdir: str, *,
                   allow_config_change: bool) -> None:
-  """Fails early on an unwritable workdir, or on resuming a run that had another config."""
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise NotADirectoryError(f'--workdir={workdir} is a file, not a directory; checkpoints and '
-                             'logs go into a directory: choose another --workdir')
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f'.write_test_{jax.process_index()}')
-    with open(probe, 'w', encoding='utf-8') as f:
-      f.write('ok')
-    os.remove(probe)
-  except OSError as e:
-    raise OSError(f'workdir {workdir} is not writable ({e.strerror}); checkpoints and logs go '
-                  'there: choose another --workdir') from e
+  """Fails early on an unwritable workdir (a missing bucket, no credentials or no permission
+  to write included), or on resuming a run that had another config."""
+  storage.check_writable(workdir)
   if allow_config_change:
     return
   changed = config_differences(config, workdir)
