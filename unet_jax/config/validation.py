@@ -24,12 +24,14 @@ from __future__ import annotations
 import inspect
 import math
 import re
+import warnings
 from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optuna
 
 from unet_jax import sharding
 from unet_jax.augment import transforms
@@ -40,6 +42,7 @@ from unet_jax.datasets.dataset import IGNORE_CLASS
 from unet_jax.evaluation import evaluator
 from unet_jax.evaluation import metrics
 from unet_jax.training import losses
+from unet_jax.tuning import engines
 from unet_jax.config.schema import (ConfigError, choice_error, check_names_and_ranges,
                                     check_types, did_you_mean, get, has, is_number, seq)
 from unet_jax.models import MODELS, build_model, model_options
@@ -267,6 +270,28 @@ def _check_augment(spec: str) -> None:
                       'unet_jax/geometric.py and intensity.py') from None
 
 
+def _check_sweep(config: ml_collections.ConfigDict) -> None:
+  """The sampler and pruner build from their options; the heartbeat fits the grace period."""
+  sweep = config.sweep
+  for part, make in (('sampler', lambda: engines.make_sampler(sweep, seed=0)),
+                     ('pruner', lambda: engines.make_pruner(sweep))):
+    try:
+      with warnings.catch_warnings():  # Optuna marks some of them experimental
+        warnings.simplefilter('ignore', optuna.exceptions.ExperimentalWarning)
+        make()
+    except (TypeError, ValueError) as e:
+      name = sweep[part].name
+      table = engines.SAMPLERS if part == 'sampler' else engines.PRUNERS
+      raise ConfigError(f'config.sweep.{part}.options', sweep[part].options.to_dict(),
+                        f'is rejected by the {name!r} {part}: {" ".join(str(e).split())}',
+                        f'keyword options of optuna\'s {table[name].__name__}') from None
+  if sweep.grace_seconds <= sweep.heartbeat_seconds:
+    raise ConfigError('config.sweep.grace_seconds', sweep.grace_seconds,
+                      f'is not longer than config.sweep.heartbeat_seconds='
+                      f'{sweep.heartbeat_seconds}, so live trials would be taken for dead',
+                      f'several heartbeats, e.g. {sweep.heartbeat_seconds * 6}')
+
+
 def validate(config: ml_collections.ConfigDict, *, mode: str = 'train',
              spatial_rank: int | None = None, data_paths: bool = True,
              devices: Sequence[Any] | None = None) -> None:
@@ -296,6 +321,7 @@ def validate(config: ml_collections.ConfigDict, *, mode: str = 'train',
     _check_batches(config, size, processes)
   _check_loss(config, model, num_classes)
   _check_metric(config)
+  _check_sweep(config)
   _check_data(config, data_paths=data_paths and mode in ('train', 'eval'))
 
 
