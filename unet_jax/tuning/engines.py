@@ -28,10 +28,10 @@ SAMPLERS: dict[str, Callable[..., optuna.samplers.BaseSampler]] = {
     'tpe': optuna.samplers.TPESampler,
     'random': optuna.samplers.RandomSampler,
     'qmc': optuna.samplers.QMCSampler,
-    # options: search_space={'optimizer.learning_rate': [1e-3, 2e-3], ...}
-    'grid': optuna.samplers.GridSampler,
-    'brute_force': optuna.samplers.BruteForceSampler,
 }
+# A grid is a list of points (tuning/space.py grid()): queued, each run once. Optuna's
+# GridSampler and BruteForceSampler end a study with Study.stop(), which only its optimize()
+# loop allows, not the queue of workers that sweeps.py runs.
 PRUNERS: dict[str, Callable[..., optuna.pruners.BasePruner]] = {
     'none': optuna.pruners.NopPruner,
     'median': optuna.pruners.MedianPruner,

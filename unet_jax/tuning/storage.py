@@ -24,6 +24,7 @@ import dataclasses
 import os
 import time
 from typing import Callable
+import warnings
 
 import optuna
 from optuna.storages import journal
@@ -150,17 +151,20 @@ def open_storage(url: str, heartbeat: Heartbeat) -> optuna.storages.BaseStorage:
   if scheme not in STORAGES:
     raise StorageError(f'--storage={hidden(url)} is not a storage URL of a known scheme '
                        f'({", ".join(STORAGES)}); expected e.g. {" or ".join(EXAMPLES)}')
-  if scheme == 'sqlite':
-    folder = os.path.dirname(url.split(':///', 1)[-1])
-    if folder:
-      os.makedirs(folder, exist_ok=True)
   try:
-    return STORAGES[scheme](url, heartbeat)
+    if scheme == 'sqlite' and os.path.dirname(url.split(':///', 1)[-1]):
+      os.makedirs(os.path.dirname(url.split(':///', 1)[-1]), exist_ok=True)
+    with warnings.catch_warnings():
+      # Heartbeats and retries are marked experimental by Optuna; they are used on purpose.
+      warnings.simplefilter('ignore', optuna.exceptions.ExperimentalWarning)
+      return STORAGES[scheme](url, heartbeat)
   except StorageError:
     raise
   except (sqlalchemy.exc.SQLAlchemyError, ImportError, OSError, ValueError) as e:
     # The driver's message names the cause (refused, unknown host, bad password, no file);
     # its first line is enough, and keeps the password out of it.
     cause = ' '.join(str(e).strip().splitlines()[0].split()) if str(e).strip() else ''
+    hint = ' (install the driver the URL names, e.g. pip install pymysql)' if isinstance(
+        e, ImportError) else ''
     raise StorageError(f'--storage={hidden(url)} cannot be opened: {type(e).__name__}'
-                       f'{": " + cause if cause else ""}') from None
+                       f'{": " + cause if cause else ""}{hint}') from None
