@@ -212,7 +212,7 @@ def test_a_hopeless_trial_is_pruned_before_its_last_evaluation(tmp_path):
   assert not (tmp_path / 'trial_001' / 'final_metrics.json').exists()
 
 
-def test_an_invalid_trial_fails_with_its_reason_and_the_worker_goes_on(tmp_path):
+def test_an_invalid_trial_fails_with_its_reason_and_the_worker_goes_on_journal_file(tmp_path):
   config = _points_config(num_trials=2)
   config.num_steps, config.eval_every = 12, 6
 
@@ -220,8 +220,11 @@ def test_an_invalid_trial_fails_with_its_reason_and_the_worker_goes_on(tmp_path)
     trial.suggest_int('seed', 0, 3)
     return {'model.width': 0 if trial.number == 0 else 4}
 
-  rows = sweeps.run(config, str(tmp_path), space_lib.Space(source='test', suggest=search_space))
-  study = _load(tmp_path.name, f'sqlite:///{tmp_path}/study.db')
+  journal = f'journal://{tmp_path}/study.log'  # the journal file storage and its heartbeat
+  rows = sweeps.run(config, str(tmp_path), space_lib.Space(source='test', suggest=search_space),
+                    storage_url=journal)
+  study = optuna.load_study(study_name=tmp_path.name, storage=storage_lib.open_storage(
+      journal, storage_lib.Heartbeat(interval_seconds=1, grace_seconds=4, max_retries=1)))
   assert len(study.trials) == 2  # the invalid one is not retried
   invalid, valid = study.trials
   assert valid.state == COMPLETE and invalid.state == FAIL
@@ -249,7 +252,7 @@ def test_bad_storage_urls_are_one_line_naming_them(tmp_path):
   with pytest.raises(storage_lib.StorageError, match='gs://b/sweep is not a local directory'):
     storage_lib.default_url('gs://b/sweep')
   # Through the launcher: one line, status 1, before any trial is built.
-  config = _config_file(tmp_path, [1e-3])
+  config = _config_file(tmp_path, [0])
   process = subprocess.run(
       [sys.executable, os.path.join(ROOT, 'launch.py'), f'--config={config}',
        f'--workdir={tmp_path / "sweep"}', '--sweep', '--storage=postgresql://me@127.0.0.1:1/x'],
@@ -288,6 +291,9 @@ def test_sweep_definitions_and_their_config_are_checked():
   config.sweep.grace_seconds = config.sweep.heartbeat_seconds
   with pytest.raises(ConfigError, match='config.sweep.grace_seconds=30 is not longer than'):
     validation.validate(config)
+  with pytest.raises(ConfigError, match=r"the point=\{'seed': 0.5\} cannot be applied: Could not "
+                     r"override field 'seed'.*\(sweep point 1 of 1"):
+    validation.validate_points(quickstart.get_config('smoke'), [{'seed': 0.5}])
 
 
 def test_a_trial_spans_the_processes_of_a_multi_host_worker(tmp_path):

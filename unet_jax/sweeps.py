@@ -58,7 +58,6 @@ from unet_jax.tuning import storage as storage_lib
 
 log = logging.getLogger('unet_jax')
 TrialState = optuna.trial.TrialState
-Retry = optuna.storages.RetryHeartbeatStaleTrialCallback
 
 
 class _Study:
@@ -90,8 +89,9 @@ class _Study:
 
   def requeue(self, trial: optuna.Trial) -> None:
     """Fails a trial that was interrupted (not its config's fault) and queues its retry."""
-    if self.storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):  # pylint: disable=protected-access
-      self.heartbeat.retry()(self.study, self.storage.get_trial(trial._trial_id))  # pylint: disable=protected-access
+    trial_id = self.trial_id(trial.number)
+    if self.storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
+      self.heartbeat.retry()(self.study, self.storage.get_trial(trial_id))
 
   @contextlib.contextmanager
   def beating(self, trial_id: int) -> Iterator[None]:
@@ -170,7 +170,7 @@ def _next_trial(handle: _Study, space: space_lib.Space, sweep: ml_collections.Co
       # Another worker's trial: it ends, or its worker died and it comes back as a retry.
       time.sleep(sweep.poll_seconds)
       continue
-    missing = space.missing([t for t in trials if Retry.retried_trial_number(t) is None],
+    missing = space.missing([t for t in trials if results.original_number(t) == t.number],
                             sweep.num_trials)
     if not missing:
       return None
@@ -256,13 +256,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, space: space_lib.Space,
           if popped is None:
             break
           trial, frozen = popped
-          with handle.beating(trial._trial_id):  # pylint: disable=protected-access
+          with handle.beating(handle.trial_id(trial.number)):
             overrides, reason = _prepare(trial, config, space)
           if reason:
             _fail(handle, trial, reason)
             continue
-          job = {'number': results.original_number(frozen), 'overrides': overrides,
-                 'retry': Retry.retried_trial_number(frozen) is not None}
+          job = {'trial': trial.number, 'number': results.original_number(frozen),
+                 'overrides': overrides, 'retry': results.original_number(frozen) != trial.number}
       job = _share(job)
       if job is None:
         break
@@ -277,14 +277,13 @@ def _train_trial(handle: _Study | None, trial: optuna.Trial | None, job: dict[st
                  config: ml_collections.ConfigDict, workdir: str, metric: str) -> bool:
   """Trains one trial on every process; process 0 tells the study. False when interrupted."""
   trial_dir = os.path.join(workdir, results.trial_dir_name(job['number']))
-  log.info('trial %s in %s%s: %s', trial.number if trial else job['number'], trial_dir,
+  log.info('trial %d in %s%s: %s', job['trial'], trial_dir,
            ' (a retry: resumes from its checkpoint)' if job['retry'] else '', job['overrides'])
   if trial is not None and job['retry']:
     # The study failed the previous attempt as dead, which its lock cannot show from another
     # machine; the heartbeat decides.
     (epath.Path(trial_dir) / workdir_lib.LOCK_FILE).unlink(missing_ok=True)
-  beating = handle.beating(trial._trial_id) if trial is not None else contextlib.nullcontext()  # pylint: disable=protected-access
-  with beating:
+  with handle.beating(handle.trial_id(trial.number)) if trial else contextlib.nullcontext():
     try:
       scores = loop.train_and_evaluate(overrides_lib.apply_overrides(config, job['overrides']),
                                        trial_dir, on_eval=_reporter(trial, metric))

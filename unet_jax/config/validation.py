@@ -334,7 +334,12 @@ def validate_points(config: ml_collections.ConfigDict, points: Sequence[Mapping[
     try:
       for path, value in point.items():
         overrides.check_path(config, path, value)
-      validate(overrides.apply_overrides(config, point), mode=mode)
+      try:
+        point_config = overrides.apply_overrides(config, point)
+      except TypeError as e:  # ml_collections refuses a value of another type than the field's
+        raise ConfigError('the point', dict(point), f'cannot be applied: {e}',
+                          'values of the types of the fields they set') from None
+      validate(point_config, mode=mode)
     except ConfigError as e:
       raise e.within(f'sweep point {index + 1} of {len(points)}: {dict(point)}') from None
 

@@ -16,6 +16,7 @@ import io
 import logging
 import math
 from typing import Any, Sequence
+import warnings
 
 from etils import epath
 import ml_collections
@@ -34,7 +35,9 @@ STATE_ORDER = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialSta
 
 def original_number(trial: optuna.trial.FrozenTrial) -> int:
   """The number of the trial a retry continues (its workdir's), else the trial's own."""
-  retried = optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(trial)
+  with warnings.catch_warnings():  # marked experimental by Optuna since 2.8
+    warnings.simplefilter('ignore', optuna.exceptions.ExperimentalWarning)
+    retried = optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(trial)
   return trial.number if retried is None else retried
 
 

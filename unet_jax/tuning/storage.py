@@ -34,6 +34,8 @@ import sqlalchemy
 
 DEFAULT_FILE = 'study.db'
 HEARTBEAT_ATTR = 'unet_jax:heartbeat'  # journal storages: a trial's last heartbeat (epoch s)
+SCHEMA_ATTEMPTS = 4  # openings of a SQL storage whose tables another worker is creating
+SCHEMA_RACE = ('already exists', 'UNIQUE constraint failed', 'duplicate key')  # their errors
 EXAMPLES = ('sqlite:///PATH/study.db', 'postgresql://USER:PASSWORD@HOST:5432/DB',
             'mysql+pymysql://USER:PASSWORD@HOST/DB', 'journal:///SHARED/PATH/study.log')
 
@@ -108,10 +110,18 @@ def _rdb(driver: str | None) -> Callable[[str, Heartbeat], optuna.storages.BaseS
     # Waits for a busy SQLite file and gives up on an unreachable server, instead of hanging.
     connect_args = ({'timeout': heartbeat.grace_seconds} if scheme.startswith('sqlite') else
                     {'connect_timeout': 10})
-    return optuna.storages.RDBStorage(
-        url, engine_kwargs={'connect_args': connect_args},
-        heartbeat_interval=heartbeat.interval_seconds, grace_period=heartbeat.grace_seconds,
-        heartbeat_stale_trial_callback=heartbeat.retry())
+    for attempt in range(SCHEMA_ATTEMPTS):
+      try:
+        return optuna.storages.RDBStorage(
+            url, engine_kwargs={'connect_args': connect_args},
+            heartbeat_interval=heartbeat.interval_seconds, grace_period=heartbeat.grace_seconds,
+            heartbeat_stale_trial_callback=heartbeat.retry())
+      except sqlalchemy.exc.DBAPIError as e:
+        # Workers started together race to create the tables of a new database: the loser's
+        # CREATE or INSERT fails on what the winner just made; opening again finds it complete.
+        if attempt + 1 == SCHEMA_ATTEMPTS or not any(m in str(e) for m in SCHEMA_RACE):
+          raise
+        time.sleep(0.5 * (attempt + 1))
 
   return open_rdb
 
