@@ -189,6 +189,28 @@ def test_a_worker_killed_mid_trial_is_resumed_from_its_checkpoint_on_postgresql(
   assert len(list(csv.DictReader(open(workdir / 'sweep_results.csv')))) == 3
 
 
+def test_a_journal_trial_whose_heartbeat_stops_is_retried_at_most_max_retries_times(tmp_path):
+  heartbeat = storage_lib.Heartbeat(interval_seconds=1, grace_seconds=2, max_retries=1)
+  storage = storage_lib.open_storage(f'journal://{tmp_path}/study.log', heartbeat)
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore')
+    study = optuna.create_study(study_name='beats', storage=storage)
+    study.enqueue_trial({'seed': 3}, user_attrs={'point': 0})
+    for attempt in range(2):  # the trial, then its one retry: each worker dies after a beat
+      trial = study.ask()
+      storage.record_heartbeat(storage.get_trial_id_from_study_id_trial_number(
+          storage.get_study_id_from_name('beats'), trial.number))
+      optuna.storages.fail_stale_trials(study)
+      assert study.trials[-1].state == optuna.trial.TrialState.RUNNING  # alive: not stale
+      time.sleep(3)
+      optuna.storages.fail_stale_trials(study)
+  states = [t.state for t in study.trials]
+  assert states == [FAIL, FAIL]  # max_retries=1: no third attempt is queued
+  retry = study.trials[1]
+  assert retry.system_attrs['failed_trial'] == 0 and retry.user_attrs == {'point': 0}
+  assert retry.system_attrs['fixed_params'] == {'seed': 3}
+
+
 def _points_config(**sweep):
   config = quickstart.get_config('smoke')
   config.num_overlays = 0

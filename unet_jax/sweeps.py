@@ -138,9 +138,12 @@ def _open_study(config: ml_collections.ConfigDict, workdir: str, space: space_li
     # A joining worker draws other values than the creator: its sampler is seeded afresh.
     study = optuna.load_study(study_name=name, storage=storage, pruner=pruner,
                               sampler=engines.make_sampler(sweep, seed=None))
+    deadline = time.time() + sweep.grace_seconds
+    while 'metric' not in study.user_attrs and time.time() < deadline:
+      time.sleep(sweep.poll_seconds)  # the creator writes it just after creating the study
     theirs = {k: study.user_attrs.get(k) for k in fingerprint}
-    if theirs['metric'] != fingerprint['metric'] or theirs['points'] != json.loads(
-        json.dumps(fingerprint['points'])):
+    if theirs['metric'] is not None and (theirs['metric'] != fingerprint['metric'] or theirs[
+        'points'] != json.loads(json.dumps(fingerprint['points']))):
       raise ValueError(f'study {name!r} in {storage_lib.hidden(url)} is another sweep '
                        f'(created from {theirs["source"]} for {theirs["metric"]}); give this one '
                        'another --study') from None
@@ -303,6 +306,8 @@ def _train_trial(handle: _Study | None, trial: optuna.Trial | None, job: dict[st
   if not scores:  # SIGTERM or Ctrl-C: saved, to be resumed
     if trial is not None:
       handle.requeue(trial)
+      log.info('trial %d queued again, to resume from its checkpoint; this worker stops',
+               trial.number)
     return False
   if trial is not None:
     trial.set_user_attr(results.SCORES_ATTR, {k: float(v) for k, v in scores.items()})
