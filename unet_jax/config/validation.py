@@ -1,8 +1,8 @@
 """Up-front validation of a whole config: every mistake that shows without data or compiling.
 
 `validate(config, mode=...)` runs once before anything is built: launch.py calls it for a run,
-predict and export, and the drivers of runs.py for every sweep point, K-fold run and checkpoint
-evaluation; the library itself raises plain ValueErrors. It raises `ConfigError`, a
+predict and export, sweeps.py for every trial of a sweep, and the drivers of runs.py for every
+K-fold run and checkpoint evaluation; the library itself raises plain ValueErrors. It raises `ConfigError`, a
 ValueError whose message is one line that names the field, its value, what is wrong and what
 would be valid:
 
@@ -10,7 +10,8 @@ would be valid:
   config.data.crop_size=570: input size 570 is invalid (...); expected one of the nearby ...
 
 Names are checked against the tables of the modules that use them (models.MODELS,
-losses.LOSSES, transforms.OPS, optimizers.OPTIMIZERS, sources.SOURCES, …), crop sizes
+losses.LOSSES, transforms.OPS, optimizers.OPTIMIZERS, sources.SOURCES, the samplers and
+pruners of tuning/engines.py, …), sampler and pruner options by building them, crop sizes
 against the model's own size arithmetic, batch sizes against the devices of the mesh, loss
 options by tracing each loss on abstract inputs (jax.eval_shape: nothing is compiled), and
 `checkpoint.best_metric` against the names the evaluation code itself produces. What needs the
