@@ -68,6 +68,7 @@ class _Study:
                heartbeat: storage_lib.Heartbeat):
     self.study, self.storage, self.heartbeat = study, storage, heartbeat
     self.study_id = storage.get_study_id_from_name(study.study_name)
+    self.seen: int | None = None  # trials at the last look: is the creator still queueing?
 
   def trial_id(self, number: int) -> int:
     return self.storage.get_trial_id_from_study_id_trial_number(self.study_id, number)
@@ -159,32 +160,46 @@ def _open_study(config: ml_collections.ConfigDict, workdir: str, space: space_li
   return _Study(study, storage, heartbeat)
 
 
-def _next_trial(handle: _Study, space: space_lib.Space, sweep: ml_collections.ConfigDict
-                ) -> tuple[optuna.Trial, optuna.trial.FrozenTrial] | None:
-  """The next trial for this worker, or None when the sweep has run every trial."""
-  seen = None
-  while True:
-    optuna.storages.fail_stale_trials(handle.study)  # dead workers' trials: failed, re-queued
-    popped = handle.pop()
-    if popped:
-      return popped
-    trials = handle.study.get_trials(deepcopy=False)
-    if any(t.state == TrialState.RUNNING for t in trials):
-      # Another worker's trial: it ends, or its worker died and it comes back as a retry.
-      time.sleep(sweep.poll_seconds)
-      continue
-    missing = space.missing([t for t in trials if results.original_number(t) == t.number],
-                            sweep.num_trials)
-    if not missing:
-      return None
-    # Entries not queued yet: the creator may be queueing them now (or died doing it, or
-    # num_trials grew since); queue them when the study has not changed for a poll.
-    if len(trials) != seen:
-      seen = len(trials)
-      time.sleep(sweep.poll_seconds)
-      continue
-    for params, attrs in missing:
-      handle.study.enqueue_trial(params, user_attrs=attrs)
+# What process 0 hands the other processes of a worker instead of a trial's job.
+_DONE, _WAIT = None, {'wait': True}
+
+
+def _next_job(handle: _Study, space: space_lib.Space, config: ml_collections.ConfigDict
+              ) -> tuple[dict[str, Any] | None, optuna.Trial | None]:
+  """One look at the study by process 0: (a trial's job, the trial) to train, (_WAIT, None)
+  when there is none to take now, or (_DONE, None) when the sweep has run every trial. A wait
+  lasts one poll, so the other processes of a multi-host worker never sit long in a broadcast."""
+  sweep = config.sweep
+  optuna.storages.fail_stale_trials(handle.study)  # dead workers' trials: failed, re-queued
+  popped = handle.pop()
+  if popped:
+    trial, frozen = popped
+    with handle.beating(handle.trial_id(trial.number)):
+      overrides, reason = _prepare(trial, config, space)
+    if reason:
+      _fail(handle, trial, reason)
+      return _WAIT, None
+    original = results.original_number(frozen)
+    return {'trial': trial.number, 'number': original, 'overrides': overrides,
+            'retry': original != trial.number}, trial
+  trials = handle.study.get_trials(deepcopy=False)
+  if any(t.state == TrialState.RUNNING for t in trials):
+    # Another worker's trial: it ends, or its worker died and it comes back as a retry.
+    time.sleep(sweep.poll_seconds)
+    return _WAIT, None
+  missing = space.missing([t for t in trials if results.original_number(t) == t.number],
+                          sweep.num_trials)
+  if not missing:
+    return _DONE, None
+  # Entries not queued yet: the creator may be queueing them now (or died doing it, or
+  # num_trials grew since); queue them when the study has not changed for a poll.
+  if len(trials) != handle.seen:
+    handle.seen = len(trials)
+    time.sleep(sweep.poll_seconds)
+    return _WAIT, None
+  for params, attrs in missing:
+    handle.study.enqueue_trial(params, user_attrs=attrs)
+  return _WAIT, None
 
 
 def _share(value: Any) -> Any:
@@ -251,24 +266,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, space: space_lib.Space,
     handle = _open_study(config, workdir, space, study_name=study_name,
                          storage_url=storage_url) if chief else None
     while True:
-      trial = frozen = None
-      job = None
-      if chief:
-        while job is None:
-          popped = _next_trial(handle, space, config.sweep)
-          if popped is None:
-            break
-          trial, frozen = popped
-          with handle.beating(handle.trial_id(trial.number)):
-            overrides, reason = _prepare(trial, config, space)
-          if reason:
-            _fail(handle, trial, reason)
-            continue
-          job = {'trial': trial.number, 'number': results.original_number(frozen),
-                 'overrides': overrides, 'retry': results.original_number(frozen) != trial.number}
+      job, trial = _next_job(handle, space, config) if chief else (None, None)
       job = _share(job)
-      if job is None:
+      if job is _DONE:
         break
+      if job == _WAIT:
+        continue
       if not _train_trial(handle, trial, job, config, workdir, metric):
         break  # SIGTERM or Ctrl-C: the trial is queued again; this worker stops
     if chief:
