@@ -7,6 +7,8 @@ r"""The one entry point: train (default), evaluate or predict with a config and 
   python launch.py --mode=predict --config=... --workdir=... --input=IMAGES --output=DIR --tta=dihedral
   python launch.py --mode=export --config=... --workdir=... --output=predictor.stablehlo
   python launch.py --config=experiments/isbi.py:cpu --workdir=runs/sweep --sweep
+  python launch.py --config=experiments/isbi.py:cpu --workdir=/mnt/shared/sweep --sweep \
+      --study=isbi --storage=postgresql://USER:PASSWORD@HOST:5432/DB   (one worker per command)
   python launch.py --config=experiments/isbi.py:cpu --workdir=runs/cv --config.data.folds=5
   python launch.py --mode=compile --config=experiments/isbi.py --topology=v5e:4x4 \
       --config.batch_size=128 --config.model.dtype=bfloat16
@@ -27,7 +29,6 @@ workdir, a workdir another launcher holds, unreadable checkpoints, a full disk a
 run end with one line and status 1.
 """
 
-import importlib.util
 import logging
 import os
 import sys
@@ -43,7 +44,12 @@ flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and predic
 flags.DEFINE_enum('mode', 'train', MODES, 'train (resumes automatically), eval a checkpoint, '
                   'predict images with it, export it as StableHLO, or compile the programs of a '
                   'run for --topology ahead of time.')
-flags.DEFINE_bool('sweep', False, "Train every point of the config file's sweep().")
+flags.DEFINE_bool('sweep', False, "Work on an Optuna study of the config file's sweep() points "
+                  'or search_space(trial): trains its trials in WORKDIR/trial_NNN.')
+flags.DEFINE_string('study', None, '--sweep: the study\'s name (default: the name of --workdir).')
+flags.DEFINE_string('storage', None, '--sweep: where the study lives, e.g. '
+                    'postgresql://USER:PASSWORD@HOST:5432/DB or journal:///SHARED/study.log '
+                    '(default: sqlite:///WORKDIR/study.db).')
 flags.DEFINE_bool('allow_config_change', False,
                   'Resume a workdir although its saved config differs from this one.')
 flags.DEFINE_bool('restart', False, 'Train from step 0 when the workdir has checkpoints but none '
@@ -82,15 +88,14 @@ config_flags.DEFINE_config_file('config', None, 'Config file, e.g. experiments/i
 FLAGS = flags.FLAGS
 
 
-def _sweep_points():
+def _sweep_space():
+  from unet_jax.tuning import space  # pylint: disable=g-import-not-at-top  (after parsing)
   # The file of --config=file.py:arg, without the argument get_config() takes.
   path = config_flags.get_config_filename(FLAGS['config']).partition(':')[0]
-  spec = importlib.util.spec_from_file_location('sweep_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  if not hasattr(module, 'sweep'):
-    raise _FlagError(f'--sweep: {path} defines no sweep()')
-  return module.sweep()
+  try:
+    return space.load(path)
+  except space.SpaceError as e:
+    raise _FlagError(str(e)) from None
 
 
 def _show_project_logs():
@@ -176,13 +181,15 @@ def _tile_size():
 
 def _run(config, workdir: str) -> None:
   """Runs the mode the flags ask for; each config is validated once before anything is built
-  (here for a run, predict and export; by the drivers of runs.py for sweeps, folds and eval)."""
+  (here for a run, predict and export; by sweeps.py for sweeps, by runs.py for folds and eval)."""
   # pylint: disable-next=g-import-not-at-top  (after flag parsing and distributed setup)
-  from unet_jax import runs
+  from unet_jax import runs, sweeps
   from unet_jax.config import validation  # pylint: disable=g-import-not-at-top
   from unet_jax.inference import export, predict  # pylint: disable=g-import-not-at-top
   from unet_jax.training import loop  # pylint: disable=g-import-not-at-top
   tile = _tile_size()
+  if (FLAGS.study or FLAGS.storage) and not FLAGS.sweep:
+    raise _FlagError('--study and --storage name the study of a sweep; add --sweep')
   if FLAGS.mode in ('predict', 'export') and not FLAGS.output:
     raise _FlagError(f'--mode={FLAGS.mode} needs --output (a folder for predict, a file for '
                      'export)')
@@ -202,7 +209,8 @@ def _run(config, workdir: str) -> None:
     validation.validate(config, mode='export')
     export.run(config, workdir, FLAGS.output, checkpoint=FLAGS.checkpoint, tile_size=tile)
   elif FLAGS.sweep:
-    runs.run_sweep(config, workdir, _sweep_points())
+    sweeps.run(config, workdir, _sweep_space(), study_name=FLAGS.study,
+               storage_url=FLAGS.storage)
   elif config.data.folds:
     runs.run_kfold(config, workdir)
   else:

@@ -149,6 +149,23 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   config.mesh.data = -1  # devices the batch is split over (-1: all left after fsdp)
   config.mesh.fsdp = 1  # > 1 also splits parameters and optimizer state over this many
 
+  # launch.py --sweep: an Optuna study of this file's sweep() or search_space() (unet_jax/sweeps.py).
+  config.sweep = ml_collections.ConfigDict()
+  # Names from unet_jax/tuning/engines.py SAMPLERS and PRUNERS, with their keyword options. The
+  # sampler draws search-space values (a list of points runs as it is); the pruner may stop a
+  # trial at an evaluation (its step options count training steps).
+  config.sweep.sampler = ml_collections.ConfigDict(dict(name='tpe', options={}))
+  config.sweep.pruner = ml_collections.ConfigDict(dict(name='median', options={}))
+  config.sweep.num_trials = 20  # trials of a search space in all (a list runs each point once)
+  config.sweep.seed = 0  # the sampler of the worker that creates the study (others: fresh seeds)
+  # A worker records a heartbeat for its trial every heartbeat_seconds; a trial without one for
+  # grace_seconds is taken for dead and queued again, at most max_retries times, to resume from
+  # its checkpoint. grace_seconds must outlast any stall of a live worker.
+  config.sweep.heartbeat_seconds = 30
+  config.sweep.grace_seconds = 180
+  config.sweep.max_retries = 3
+  config.sweep.poll_seconds = 5.0  # how often an idle worker looks for queued or dead trials
+
   if arg == 'cpu':
     config.num_steps = 1200
     config.batch_size = 4
@@ -168,11 +185,12 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   return config
 
 
-def sweep() -> list[dict[str, object]]:
-  """`--sweep`: learning rate × width; each point overrides the config given on the command line.
+def search_space(trial) -> None:
+  """`--sweep`: learning rate (log-uniform) × width, config.sweep.num_trials trials drawn by
+  config.sweep.sampler; each trial overrides the config given on the command line.
 
     python launch.py --config=experiments/isbi.py:cpu --workdir=runs/isbi_sweep --sweep \
-        --config.data.directory=../shared/data/isbi2012
+        --config.data.directory=../shared/data/isbi2012 --config.sweep.num_trials=12
   """
-  from unet_jax.runs import grid  # pylint: disable=g-import-not-at-top
-  return grid(**{'optimizer.learning_rate': [1e-3, 2e-3, 4e-3], 'model.width': [16, 24]})
+  trial.suggest_float('optimizer.learning_rate', 5e-4, 8e-3, log=True)
+  trial.suggest_categorical('model.width', [16, 24])

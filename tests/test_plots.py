@@ -5,14 +5,15 @@ import logging
 import os
 
 import numpy as np
+import optuna
 import pytest
 from PIL import Image
 
 from experiments import quickstart
 from unet_jax.training import plots
-from unet_jax import runs
 from unet_jax.training import loop
 from unet_jax import visualize
+from unet_jax.tuning import results
 
 
 def _open_png(path, *, min_size=(300, 200), max_size=(3000, 3000)):
@@ -114,15 +115,23 @@ def test_plot_predictions_shows_each_class_in_its_colour(tmp_path):
     plots.plot_predictions(images, truths[:1], predictions, str(tmp_path), class_names=('a',))
 
 
-def _fake_train(config, workdir):
-  lr = config.optimizer.learning_rate
-  return {'dice_membrane': 0.9 - abs(np.log10(lr) + 3) / 10, 'pixel_error': 0.1}
+def _finished_study(rates):
+  """An in-memory study whose trials finished as a sweep's do, scored by a made-up rule."""
+  study = optuna.create_study(direction='maximize')
+  for lr in rates:
+    scores = {'dice_membrane': 0.9 - abs(np.log10(lr) + 3) / 10, 'pixel_error': 0.1}
+    study.add_trial(optuna.trial.create_trial(
+        params={'optimizer.learning_rate': lr, 'model.name': 'unet'},
+        distributions={'optimizer.learning_rate': optuna.distributions.FloatDistribution(
+            1e-5, 1e-1, log=True), 'model.name': optuna.distributions.CategoricalDistribution(
+                ['unet'])},
+        value=scores['dice_membrane'], user_attrs={results.SCORES_ATTR: scores}))
+  return study
 
 
 def test_sweep_writes_sweep_png_next_to_its_table(tmp_path):
-  points = runs.grid(**{'optimizer.learning_rate': [1e-4, 1e-3, 1e-2], 'model.name': ['unet']})
-  rows = runs.run_sweep(quickstart.get_config('smoke'), str(tmp_path), points,
-                        train_fn=_fake_train)
+  rows = results.write(_finished_study([1e-4, 1e-3, 1e-2]), quickstart.get_config('smoke'),
+                       str(tmp_path))
   assert rows[0]['optimizer.learning_rate'] == 1e-3
   assert (tmp_path / 'sweep_results.csv').exists()
   sweep = _open_png(tmp_path / 'sweep.png', min_size=(600, 300))
@@ -140,8 +149,8 @@ def test_a_failing_plot_never_loses_the_result(tmp_path, monkeypatch, caplog):
 
   monkeypatch.setattr(plots, 'plot_sweep', broken)
   with caplog.at_level(logging.WARNING, logger='unet_jax'):
-    rows = runs.run_sweep(quickstart.get_config('smoke'), str(tmp_path),
-                          [{'optimizer.learning_rate': 1e-3}], train_fn=_fake_train)
+    rows = results.write(_finished_study([1e-3]), quickstart.get_config('smoke'),
+                         str(tmp_path))
   assert len(rows) == 1 and (tmp_path / 'sweep_results.csv').exists()
   assert 'sweep.png not written' in caplog.text and 'no display' in caplog.text
   caplog.clear()

@@ -1,6 +1,6 @@
-"""Drivers over the loop: sweeps, K-fold, checkpoint evaluation, and the launcher's modes."""
+"""Drivers over the loop: K-fold, checkpoint evaluation, and the launcher's modes (sweeps:
+test_sweeps.py)."""
 
-import csv
 import json
 import os
 import subprocess
@@ -9,19 +9,10 @@ import sys
 import numpy as np
 import pytest
 
-from experiments import isbi, quickstart
+from experiments import quickstart
 from unet_jax import runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def test_grid_and_random_search_build_points():
-  points = runs.grid(**{'a.b': [1, 2], 'c': ['x', 'y', 'z']})
-  assert len(points) == 6 and {'a.b': 2, 'c': 'z'} in points
-  drawn = runs.random_search(5, seed=3, lr=lambda r: 10 ** r.uniform(-4, -2))
-  assert len(drawn) == 5 and all(1e-4 <= p['lr'] <= 1e-2 for p in drawn)
-  assert drawn == runs.random_search(5, seed=3, lr=lambda r: 10 ** r.uniform(-4, -2))
-  assert len(isbi.sweep()) == 6
 
 
 def test_overrides_copy_the_config_and_reject_unknown_paths():
@@ -41,37 +32,6 @@ def test_kfold_indices_are_disjoint_contiguous_and_cover():
   assert all(list(f) == list(range(f[0], f[-1] + 1)) for f in folds)
   with pytest.raises(ValueError, match='config.data.folds=1'):
     runs.kfold_indices(30, 1)
-
-
-def _fake_train(scores_by_lr):
-  calls = []
-
-  def train_fn(config, workdir):
-    calls.append((config, workdir))
-    return {'dice_membrane': scores_by_lr[config.optimizer.learning_rate], 'pixel_error': 0.1}
-
-  return train_fn, calls
-
-
-def test_sweep_ranks_points_and_writes_tables(tmp_path):
-  train_fn, calls = _fake_train({1e-3: 0.7, 4e-3: 0.9})
-  rows = runs.run_sweep(quickstart.get_config('smoke'), str(tmp_path), quickstart.sweep(),
-                        train_fn=train_fn)
-  assert [r['optimizer.learning_rate'] for r in rows] == [4e-3, 1e-3]
-  assert [w for _, w in calls] == [str(tmp_path / '000'), str(tmp_path / '001')]
-  table = list(csv.DictReader(open(tmp_path / 'sweep_results.csv')))
-  assert table[0]['run'] == '001' and float(table[0]['dice_membrane']) == 0.9
-  assert '| run | optimizer.learning_rate | dice_membrane |' in (
-      tmp_path / 'sweep_results.md').read_text()
-
-
-def test_two_point_sweep_really_trains(tmp_path):
-  config = quickstart.get_config('smoke')
-  rows = runs.run_sweep(config, str(tmp_path), quickstart.sweep())
-  assert len(rows) == 2
-  for row in rows:
-    final = json.load(open(tmp_path / row['run'] / 'final_metrics.json'))
-    assert final['dice_membrane'] == row['dice_membrane']
 
 
 def test_two_fold_run_reports_mean_and_std(tmp_path):

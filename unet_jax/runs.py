@@ -1,23 +1,18 @@
-"""Drivers over the one training loop: evaluate a checkpoint, sweeps, K-fold cross-validation.
+"""Drivers over the one training loop: evaluate a checkpoint, K-fold cross-validation.
 
-A sweep is a list of override dicts (dotted config paths → values) that a config file returns
-from `sweep()`; `grid` and `random_search` build such lists. Each point trains in a workdir of its
-own, so a sweep interrupted half way resumes where it stopped. Results are written as CSV and
-markdown, ranked by the monitored metric (config.checkpoint.best_metric), and plotted against
-every swept hyperparameter in sweep.png (unet_jax/training/plots.py).
-
-Each driver validates the configs it runs (every sweep point and fold up front, before the
-first one trains), so a mistake in the last point is reported before hours of training.
+Each fold trains in a workdir of its own, so cross-validation interrupted half way resumes where
+it stopped; the mean ± std of the scores is written as JSON and markdown. Each driver validates
+the configs it runs (every fold up front, before the first one trains), so a mistake is
+reported before hours of training. Sweeps are Optuna studies (unet_jax/sweeps.py).
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import itertools
 import json
 import logging
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import ml_collections
@@ -30,7 +25,6 @@ from unet_jax.config.overrides import apply_overrides
 from unet_jax.datasets import sources
 from unet_jax.evaluation import evaluator
 from unet_jax.training import loop
-from unet_jax.training import plots
 from unet_jax.training import train_step
 from unet_jax.training import workdir as workdir_lib
 
@@ -39,33 +33,6 @@ SPLITS = ('val', 'train', 'all')
 # Fields that define the trained model: evaluating with other values cannot use its checkpoint.
 MODEL_FIELDS = ('model.', 'data.class_names', 'data.mean', 'data.std')
 TrainFn = Callable[[ml_collections.ConfigDict, str], dict[str, float]]
-
-
-def grid(**axes: Sequence[Any]) -> list[dict[str, Any]]:
-  """Every combination: grid(**{'optimizer.learning_rate': [1e-3, 1e-4], 'model.width': [8]})."""
-  names = list(axes)
-  return [dict(zip(names, values)) for values in itertools.product(*axes.values())]
-
-
-def random_search(count: int, *, seed: int = 0,
-                  **axes: Callable[[np.random.Generator], Any]) -> list[dict[str, Any]]:
-  """`count` points, each axis drawn by its sampler, e.g. lambda r: 10 ** r.uniform(-4, -2)."""
-  rng = np.random.default_rng(seed)
-  return [{name: _plain(sample(rng)) for name, sample in axes.items()} for _ in range(count)]
-
-
-def _plain(value: Any) -> Any:
-  return value.item() if isinstance(value, np.generic) else value
-
-
-def _rank(rows: list[dict[str, Any]], config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
-  metric, maximise = config.checkpoint.best_metric, config.checkpoint.best_mode == 'max'
-
-  def key(row):
-    value = row.get(metric, float('nan'))
-    return (not np.isfinite(value), -value if maximise else value)
-
-  return sorted(rows, key=key)
 
 
 def write_table(rows: list[dict[str, Any]], path_stem: str, *, columns: Sequence[str]) -> None:
@@ -85,31 +52,6 @@ def _score_columns(config: ml_collections.ConfigDict, rows: list[dict[str, Any]]
   first = config.checkpoint.best_metric
   seen = sorted({k for r in rows for k, v in r.items() if isinstance(v, float)} - {first})
   return [first, *seen]
-
-
-def run_sweep(config: ml_collections.ConfigDict, workdir: str,
-              points: Sequence[Mapping[str, Any]], *, train_fn: TrainFn = loop.train_and_evaluate
-              ) -> list[dict[str, Any]]:
-  """Trains each point in `workdir/NNN`; returns rows ranked by the monitored metric."""
-  validation.validate_points(config, points)
-  configs = [apply_overrides(config, p) for p in points]
-  rows = []
-  for index, (point, point_config) in enumerate(zip(points, configs)):
-    run_dir = storage.join(workdir, f'{index:03d}')
-    log.info('sweep point %d/%d: %s', index + 1, len(points), dict(point))
-    scores = train_fn(point_config, run_dir)
-    rows.append({'run': f'{index:03d}', **{k: _plain(v) for k, v in point.items()}, **scores})
-  ranked = _rank(rows, config)
-  if jax.process_index() == 0:
-    columns = ['run', *points[0].keys(), *_score_columns(config, rows)]
-    write_table(ranked, storage.join(workdir, 'sweep_results'), columns=columns)
-    swept = list(dict.fromkeys(k for p in points for k in p))
-    try:
-      plots.plot_sweep(ranked, workdir, config.checkpoint.best_metric, params=swept,
-                       maximise=config.checkpoint.best_mode == 'max')
-    except Exception as e:  # pylint: disable=broad-except  (the ranking is written; keep it)
-      log.warning('sweep.png not written to %s (%s: %s)', workdir, type(e).__name__, e)
-  return ranked
 
 
 def kfold_indices(count: int, folds: int) -> list[tuple[int, ...]]:

@@ -157,7 +157,7 @@ def test_the_readme_sweep_command_runs_with_a_config_argument(tmp_path):
       capture_output=True, text=True, timeout=900)
   assert process.returncode == 0, process.stderr[-3000:]
   assert (tmp_path / 'sweep_results.csv').exists()
-  assert {'000', '001'} <= set(os.listdir(tmp_path))
+  assert {'trial_000', 'trial_001', 'study.db'} <= set(os.listdir(tmp_path))
   # Procedural runs are not compared with the ISBI paper, and periodic saves (which carry no
   # metrics on purpose) raise no orbax warning.
   assert 'paper:' not in process.stderr

@@ -22,6 +22,7 @@ from unet_jax.datasets import sources
 from unet_jax.models import DTYPES, MODELS, blocks
 from unet_jax.training import loop
 from unet_jax.training import optimizers
+from unet_jax.tuning import engines
 
 
 class ConfigError(ValueError):
@@ -104,6 +105,10 @@ FIELD_TYPES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     'checkpoint.every': _INT, 'checkpoint.keep_latest': _INT, 'checkpoint.keep_best': _INT,
     'checkpoint.best_metric': _STR, 'checkpoint.best_mode': _STR,
     'mesh.data': _INT, 'mesh.fsdp': _INT,
+    'sweep.sampler.name': _STR, 'sweep.sampler.options': _MAPPING, 'sweep.pruner.name': _STR,
+    'sweep.pruner.options': _MAPPING, 'sweep.num_trials': _INT, 'sweep.seed': _INT,
+    'sweep.heartbeat_seconds': _INT, 'sweep.grace_seconds': _INT, 'sweep.max_retries': _INT,
+    'sweep.poll_seconds': _NUMBER,
 }
 
 # Fields whose value names one entry of a module's table (optional fields are checked if set).
@@ -126,6 +131,8 @@ CHOICES: dict[str, Callable[[], Sequence[str]]] = {
     'optimizer.name': lambda: optimizers.OPTIMIZERS,
     'optimizer.schedule': lambda: optimizers.SCHEDULES,
     'checkpoint.best_mode': lambda: checkpointing.BEST_MODES,
+    'sweep.sampler.name': lambda: tuple(engines.SAMPLERS),
+    'sweep.pruner.name': lambda: tuple(engines.PRUNERS),
 }
 
 
@@ -165,6 +172,9 @@ RANGES: dict[str, tuple[str, Callable[[float], bool]]] = {
     'early_stopping.patience': _range(0), 'early_stopping.min_delta': _range(0),
     'checkpoint.every': _range(0), 'checkpoint.keep_latest': _range(1),
     'checkpoint.keep_best': _range(0), 'mesh.fsdp': _range(1),
+    'sweep.num_trials': _range(1), 'sweep.seed': _range(0), 'sweep.heartbeat_seconds': _range(1),
+    'sweep.grace_seconds': _range(1), 'sweep.max_retries': _range(0),
+    'sweep.poll_seconds': _range(0, low_open=True),
 }
 
 

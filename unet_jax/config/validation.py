@@ -1,8 +1,8 @@
 """Up-front validation of a whole config: every mistake that shows without data or compiling.
 
 `validate(config, mode=...)` runs once before anything is built: launch.py calls it for a run,
-predict and export, and the drivers of runs.py for every sweep point, K-fold run and checkpoint
-evaluation; the library itself raises plain ValueErrors. It raises `ConfigError`, a
+predict and export, sweeps.py for every trial of a sweep, and the drivers of runs.py for every
+K-fold run and checkpoint evaluation; the library itself raises plain ValueErrors. It raises `ConfigError`, a
 ValueError whose message is one line that names the field, its value, what is wrong and what
 would be valid:
 
@@ -10,7 +10,8 @@ would be valid:
   config.data.crop_size=570: input size 570 is invalid (...); expected one of the nearby ...
 
 Names are checked against the tables of the modules that use them (models.MODELS,
-losses.LOSSES, transforms.OPS, optimizers.OPTIMIZERS, sources.SOURCES, …), crop sizes
+losses.LOSSES, transforms.OPS, optimizers.OPTIMIZERS, sources.SOURCES, the samplers and
+pruners of tuning/engines.py, …), sampler and pruner options by building them, crop sizes
 against the model's own size arithmetic, batch sizes against the devices of the mesh, loss
 options by tracing each loss on abstract inputs (jax.eval_shape: nothing is compiled), and
 `checkpoint.best_metric` against the names the evaluation code itself produces. What needs the
@@ -24,12 +25,14 @@ from __future__ import annotations
 import inspect
 import math
 import re
+import warnings
 from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optuna
 
 from unet_jax import sharding
 from unet_jax import storage
@@ -41,6 +44,7 @@ from unet_jax.datasets.dataset import IGNORE_CLASS
 from unet_jax.evaluation import evaluator
 from unet_jax.evaluation import metrics
 from unet_jax.training import losses
+from unet_jax.tuning import engines
 from unet_jax.config.schema import (ConfigError, choice_error, check_names_and_ranges,
                                     check_types, did_you_mean, get, has, is_number, seq)
 from unet_jax.models import MODELS, build_model, model_options
@@ -271,6 +275,28 @@ def _check_augment(spec: str) -> None:
                       'unet_jax/geometric.py and intensity.py') from None
 
 
+def _check_sweep(config: ml_collections.ConfigDict) -> None:
+  """The sampler and pruner build from their options; the heartbeat fits the grace period."""
+  sweep = config.sweep
+  for part, make in (('sampler', lambda: engines.make_sampler(sweep, seed=0)),
+                     ('pruner', lambda: engines.make_pruner(sweep))):
+    try:
+      with warnings.catch_warnings():  # Optuna marks some of them experimental
+        warnings.simplefilter('ignore', optuna.exceptions.ExperimentalWarning)
+        make()
+    except (TypeError, ValueError) as e:
+      name = sweep[part].name
+      table = engines.SAMPLERS if part == 'sampler' else engines.PRUNERS
+      raise ConfigError(f'config.sweep.{part}.options', sweep[part].options.to_dict(),
+                        f'is rejected by the {name!r} {part}: {" ".join(str(e).split())}',
+                        f'keyword options of optuna\'s {table[name].__name__}') from None
+  if sweep.grace_seconds <= sweep.heartbeat_seconds:
+    raise ConfigError('config.sweep.grace_seconds', sweep.grace_seconds,
+                      f'is not longer than config.sweep.heartbeat_seconds='
+                      f'{sweep.heartbeat_seconds}, so live trials would be taken for dead',
+                      f'several heartbeats, e.g. {sweep.heartbeat_seconds * 6}')
+
+
 def validate(config: ml_collections.ConfigDict, *, mode: str = 'train',
              spatial_rank: int | None = None, data_paths: bool = True,
              devices: Sequence[Any] | None = None) -> None:
@@ -300,6 +326,7 @@ def validate(config: ml_collections.ConfigDict, *, mode: str = 'train',
     _check_batches(config, size, processes)
   _check_loss(config, model, num_classes)
   _check_metric(config)
+  _check_sweep(config)
   _check_data(config, data_paths=data_paths and mode in ('train', 'eval'))
 
 
@@ -312,7 +339,12 @@ def validate_points(config: ml_collections.ConfigDict, points: Sequence[Mapping[
     try:
       for path, value in point.items():
         overrides.check_path(config, path, value)
-      validate(overrides.apply_overrides(config, point), mode=mode)
+      try:
+        point_config = overrides.apply_overrides(config, point)
+      except TypeError as e:  # ml_collections refuses a value of another type than the field's
+        raise ConfigError('the point', dict(point), f'cannot be applied: {e}',
+                          'values of the types of the fields they set') from None
+      validate(point_config, mode=mode)
     except ConfigError as e:
       raise e.within(f'sweep point {index + 1} of {len(points)}: {dict(point)}') from None
 

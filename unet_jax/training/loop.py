@@ -17,7 +17,7 @@ import logging
 import signal
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import ml_collections
@@ -144,7 +144,8 @@ class _EarlyStopping:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       allow_config_change: bool = False, restart: bool = False
+                       allow_config_change: bool = False, restart: bool = False,
+                       on_eval: Callable[[int, dict[str, float]], None] | None = None
                        ) -> dict[str, float]:
   """Trains to `config.num_steps` (resuming from `workdir`); returns the final validation scores.
 
@@ -152,15 +153,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   that holds a run with another config (beyond RESUMABLE_CHANGES) is refused unless
   `allow_config_change`, and one that another live launcher holds is refused. `restart` trains
   from step 0 when the workdir has checkpoints but none is readable (they are kept in
-  checkpoints_quarantine/).
+  checkpoints_quarantine/). `on_eval(step, scores)` is called after each evaluation, once its
+  checkpoint is saved; an exception it raises (a sweep's pruning) ends the run there.
   """
   workdir_lib.check_workdir(config, workdir, allow_config_change=allow_config_change)
   with workdir_lib.WorkdirLock(workdir, enabled=jax.process_index() == 0):
-    return _train(config, workdir, restart=restart)
+    return _train(config, workdir, restart=restart, on_eval=on_eval)
 
 
-def _train(config: ml_collections.ConfigDict, workdir: str, *, restart: bool
-           ) -> dict[str, float]:
+def _train(config: ml_collections.ConfigDict, workdir: str, *, restart: bool,
+           on_eval: Callable[[int, dict[str, float]], None] | None) -> dict[str, float]:
   chief = jax.process_index() == 0
   dataset = sources.load_dataset(config.data)
   train_set, val_set = sources.split_dataset(dataset, config.data)
@@ -241,6 +243,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, *, restart: bool
         divergence.check_scores(step, scores)
         stopped_early = early_stopping.update(scores)
         save(step, scores)
+        if on_eval:
+          on_eval(step, scores)
         last_time = time.perf_counter()  # evaluation time is not training throughput
         if stopped_early:
           log.info('early stopping at step %d: %s did not improve by more than %g for %d '

@@ -9,8 +9,9 @@ process:
   <workdir>/plots/predictions.png  rows: validation examples; columns: image | ground truth |
                                    prediction | overlay of the prediction on the image
 
-and `runs.run_sweep` writes `<workdir>/sweep.png`: the monitored metric against every swept
-hyperparameter, one panel each (log x for learning rates and other ranges over two decades).
+and a sweep (unet_jax/tuning/results.py) writes `<workdir>/sweep.png`: the monitored metric
+against every swept hyperparameter, one panel each (log x for learning rates and other ranges
+over two decades).
 
 Class colours are `unet_jax.visualize.PALETTE` (documented there): label maps, overlays, the
 legend and the per-class curves all use it. Figures are drawn on matplotlib's Agg canvas
@@ -246,8 +247,8 @@ def plot_sweep(results: Sequence[Mapping[str, Any]], out_dir: str, metric: str, 
   """`metric` against each swept hyperparameter, one panel each; returns the PNG's path.
 
   Args:
-    results: rows as `runs.run_sweep` returns them: {'run': '000', <override path>: value, …,
-      <metric>: score, …}.
+    results: rows as a sweep's table has them (tuning/results.py): {'run': '000',
+      <override path>: value, …, <metric>: score, …}.
     metric: the score on the y axis, e.g. 'dice_membrane'; rows without a finite value are left
       out.
     params: the hyperparameters (row keys) to plot against; default: the dotted config paths

@@ -136,7 +136,7 @@ class WorkdirLock:
 # laid out, not what is trained.
 RESUMABLE_CHANGES = ('num_steps', 'log_every', 'eval_every', 'num_overlays', 'eval',
                      'data.num_workers', 'data.num_threads', 'data.prefetch', 'mesh',
-                     'checkpoint.keep_best', 'early_stopping', 'divergence')
+                     'checkpoint.keep_best', 'early_stopping', 'divergence', 'sweep')
 
 
 def _flatten(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
