@@ -99,6 +99,29 @@ def test_train_then_eval_predict_and_export_in_one_place(storage_root, tmp_path)
   assert logits.shape == (1, *signature['metadata']['output_shape'], 2)
 
 
+def test_a_sweep_and_k_fold_write_everything_into_the_bucket(bucket, tmp_path):
+  """Trials and folds train in the bucket; the study itself lives where --storage says (SQLite
+  and journal files cannot be objects)."""
+  sweep_dir = f'{bucket}/sweep'
+  swept = _launch(f'--workdir={sweep_dir}', '--sweep', f'--storage=journal://{tmp_path}/s.log',
+                  '--config.num_steps=2', '--config.eval_every=2', '--config.num_overlays=0')
+  assert swept.returncode == 0, swept.stderr
+  table = storage.read_text(f'{sweep_dir}/sweep_results.csv')
+  assert table.count('COMPLETE') == 2, table
+  assert storage.is_file(f'{sweep_dir}/sweep.png')
+  for trial in ('trial_000', 'trial_001'):
+    assert storage.is_file(f'{sweep_dir}/{trial}/final_metrics.json')
+  no_storage = _launch(f'--workdir={sweep_dir}', '--sweep', timeout=120)
+  assert 'pass --storage=URL' in _one_line_error(no_storage)
+
+  folds = _launch(f'--workdir={bucket}/cv', '--config.data.folds=2', '--config.num_steps=2',
+                  '--config.eval_every=2', '--config.num_overlays=0')
+  assert folds.returncode == 0, folds.stderr
+  summary = json.loads(storage.read_text(f'{bucket}/cv/kfold.json'))
+  assert len(summary['folds']) == 2 and 'dice_membrane' in summary['summary']
+  assert storage.is_file(f'{bucket}/cv/fold_1/final_metrics.json')
+
+
 def _one_line_error(result) -> str:
   lines = [line for line in result.stderr.splitlines() if line.startswith('launch.py: error:')]
   assert result.returncode == 1, result.stderr
