@@ -2,7 +2,8 @@ r"""Hyperparameter sweeps as Optuna studies: every launcher started with --sweep
 
   python launch.py --config=experiments/isbi.py:cpu --workdir=runs/sweep --sweep \
       --config.data.directory=../shared/data/isbi2012
-  # the same study from workers on several machines (DIR in a bucket, gs://..., or on a file system they all mount):
+  # the same study from workers on several machines (DIR in a bucket, gs://..., or on a
+  # file system they all mount):
   python launch.py --config=... --workdir=DIR --sweep --study=isbi_lr \
       --storage=postgresql://USER:PASSWORD@HOST:5432/DB
 
