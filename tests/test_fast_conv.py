@@ -303,8 +303,11 @@ def test_pool_impl_resolves_by_backend():
   assert fast_conv.resolve_pool_impl('auto', backend='cpu') == 'fast'
   assert fast_conv.resolve_pool_impl('auto', backend='gpu') == 'xla'
   assert fast_conv.resolve_pool_impl('xla', backend='cpu') == 'xla'
+  for impl in ('portable', 'onednn'):
+    assert fast_conv.resolve_pool_impl(impl, backend='cpu') == 'fast'
+    assert fast_conv.resolve_pool_impl(impl, backend='tpu') == 'xla'
   with pytest.raises(ValueError, match='model.conv_impl'):
-    fast_conv.resolve_pool_impl('onednn')
+    fast_conv.resolve_pool_impl('fastest')
 
 
 # --- in the models: config.model.conv_impl ---------------------------------------------------
