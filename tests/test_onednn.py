@@ -12,7 +12,6 @@ import subprocess
 import sys
 import textwrap
 
-import flax.linen as nn
 import jax
 from jax import export as jax_export
 from jax import lax
