@@ -96,6 +96,27 @@ def test_conv_value_and_gradients_match_lax_in_float64(rank, x_shape, k_shape, p
     assert _relative_error(g, w) < 4 * _relative_error(l, w) + 1e-7
 
 
+@pytest.mark.parametrize('x_shape,c_out', [((2, 6, 5, 8), 4), ((1, 3, 4, 3, 6), 5), ((2, 7, 3), 2)])
+def test_conv_transpose_value_and_gradients_match_lax_in_float64(x_shape, c_out):
+  rank = len(x_shape) - 2
+  spatial = 'DHW'[-rank:]
+  spec = ('N' + spatial + 'C', spatial + 'IO', 'N' + spatial + 'C')
+  reference = lambda x, k: lax.conv_transpose(x, k, (2,) * rank, 'VALID', dimension_numbers=spec)
+  x, kernel = _random(0, x_shape), _random(1, (2,) * rank + (x_shape[-1], c_out), 0.3)
+  cotangent = _random(2, (x_shape[0], *(2 * s for s in x_shape[1:-1]), c_out))
+  with jax.enable_x64(True):
+    x64, k64 = jnp.asarray(x, jnp.float64), jnp.asarray(kernel, jnp.float64)
+    y, vjp = jax.vjp(reference, x64, k64)
+    want = [np.asarray(a) for a in (y, *vjp(jnp.asarray(cotangent, jnp.float64)))]
+  fn = lambda x, k: onednn.conv_transpose(x, k, strides=(2,) * rank)
+  got = jax.jit(lambda x, k, g: (fn(x, k), *jax.vjp(fn, x, k)[1](g)))(x, kernel, cotangent)
+  for name, g, w in zip(('y', 'dx', 'dkernel'), got, want):
+    assert g.dtype == jnp.float32 and g.shape == w.shape, name
+    assert _relative_error(g, w) < 2e-6, name
+  with pytest.raises(ValueError, match='kernel_size == strides'):
+    onednn.conv_transpose(x, kernel, strides=(1,) * rank)
+
+
 def test_conv_under_vmap_and_rejections():
   x, kernel = _random(0, (3, 2, 6, 6, 4)), _random(1, (3, 3, 4, 5))
   pads = ((1, 1), (1, 1))
@@ -128,7 +149,8 @@ def test_whole_unet_gradient_equals_the_xla_path(rank, padding, size, depth):
   for impl, model in models.items():
     lowered = jax.jit(jax.value_and_grad(lambda p, m=model: loss(m, p))).lower(
         variables['params'])
-    assert (onednn.ops.BACKWARD in lowered.as_text()) == (impl == 'onednn')
+    for target in (*onednn.ops.TARGETS['conv'], *onednn.ops.TARGETS['deconv']):
+      assert (target in lowered.as_text()) == (impl == 'onednn'), target
     results[impl] = lowered.compile()(variables['params'])
   (want_loss, want), (got_loss, got) = results['xla'], results['onednn']
   assert _relative_error(got_loss, want_loss) < 1e-5
@@ -151,7 +173,7 @@ def test_the_names_table_picks_onednn_on_one_cpu_device_only():
   assert resolve('auto') == resolve('portable') == 'xla'  # several devices: no custom calls
   assert resolve('onednn', dtype=jnp.bfloat16) == 'xla'  # float32 only
   assert resolve('onednn', kernel_size=(1, 1)) == 'fast'  # matrix products
-  assert resolve('onednn', kernel_size=(2, 2), transposed=True) == 'fast'
+  assert resolve('onednn', kernel_size=(2, 2), transposed=True) == 'onednn'
   assert resolve('onednn', padding=((-1, 0), (0, 0))) == 'xla'
   for backend in ('gpu', 'tpu'):
     assert resolve('onednn', backend=backend) == resolve('auto', backend=backend) == 'xla'

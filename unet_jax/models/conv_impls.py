@@ -1,6 +1,7 @@
 """The `model.conv_impl` names and which computation each picks for one layer.
 
-  name        a 3×3 (any k>1) convolution          1×1 / 2×2 up-convolution / max pooling
+  name        a 3×3 (any k>1) convolution and       1×1 convolution / max pooling
+              the 2×2 up-convolution
   'auto'      GPU/TPU: XLA. CPU: oneDNN when the    as 'portable'
               extension is available, float32 and
               one device; else as 'portable'
@@ -56,9 +57,10 @@ def _portable(*, kernel_size: Sequence[int], in_features: int, out_features: int
 
 def _onednn_fits(*, kernel_size: Sequence[int], transposed: bool, dtype: Any,
                  padding: Sequence[tuple[int, int]] | None) -> bool:
-  """Whether the oneDNN path takes the layer: a k>1 kernel, not transposed, what ops supports."""
+  """Whether the oneDNN path takes the layer: a k>1 kernel (a 1×1 one is a matrix product) or
+  the 2×2 up-convolution, in what ops supports."""
   pads = padding if padding is not None else ((0, 0),) * len(kernel_size)
-  return (not transposed and not all(k == 1 for k in kernel_size)
+  return ((transposed or not all(k == 1 for k in kernel_size))
           and onednn.supports(rank=len(kernel_size), dtype=dtype, padding=pads))
 
 

@@ -424,9 +424,15 @@ class ConvTranspose2x2(nn.Module):
                                             kernel_size + (inputs.shape[-1], self.features))
     impl = resolve_impl(self.impl, kernel_size=kernel_size, in_features=inputs.shape[-1],
                         out_features=self.features, spatial_shape=inputs.shape[1:-1],
-                        transposed=True)
-    if impl == 'xla':
-      y = lax.conv_transpose(inputs, kernel, kernel_size, 'VALID',
-                             dimension_numbers=_dimension_numbers(rank))
-      return y if bias is None else y + bias
-    return conv_transpose_2x2(inputs, kernel, bias)
+                        transposed=True, dtype=inputs.dtype)
+    y = _CONV_TRANSPOSE_PATHS[impl](inputs, kernel)
+    return y if bias is None else y + bias
+
+
+# What ConvTranspose2x2 computes for each resolved impl: (x, kernel) → y, without the bias.
+_CONV_TRANSPOSE_PATHS = {
+    'xla': lambda x, kernel: lax.conv_transpose(x, kernel, (2,) * (x.ndim - 2), 'VALID',
+                                                dimension_numbers=_dimension_numbers(x.ndim - 2)),
+    'fast': conv_transpose_2x2,
+    'onednn': lambda x, kernel: onednn.conv_transpose(x, kernel, strides=(2,) * (x.ndim - 2)),
+}

@@ -2,10 +2,11 @@
 
   build.py  finds oneDNN and a compiler, builds the extension into a per-user cache, loads it
             and registers its FFI targets (or warns once and reports it unavailable)
-  ops.py    `conv`: the convolution and its VJP as custom calls; `available`, `supports`
+  ops.py    `conv`, `conv_transpose`: convolutions and their VJPs as custom calls;
+            `available`, `supports`
   conv.cc   the C++ side: oneDNN primitives cached per geometry
 """
 
-from unet_jax.models.onednn.ops import available, conv, supports
+from unet_jax.models.onednn.ops import available, conv, conv_transpose, supports
 
-__all__ = ['available', 'conv', 'supports']
+__all__ = ['available', 'conv', 'conv_transpose', 'supports']

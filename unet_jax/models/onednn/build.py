@@ -38,6 +38,8 @@ HEADERS_WHEEL = 'onednn-devel-cpu-gomp'
 TARGETS = {
     'unet_jax_onednn_conv_forward': 'UnetJaxOnednnConvForward',
     'unet_jax_onednn_conv_backward': 'UnetJaxOnednnConvBackward',
+    'unet_jax_onednn_deconv_forward': 'UnetJaxOnednnDeconvForward',
+    'unet_jax_onednn_deconv_backward': 'UnetJaxOnednnDeconvBackward',
 }
 FLAGS = ('-O3', '-std=c++17', '-shared', '-fPIC', '-fopenmp', '-w')
 # Seconds one compile may take (it takes ~10 s; a stuck compiler must not hang an import).

@@ -1,9 +1,12 @@
-// oneDNN convolutions for XLA:CPU as FFI custom calls: the forward pass, and the backward pass
-// (input gradient, then kernel gradient) as one call.
+// oneDNN convolutions and transposed convolutions (oneDNN's "deconvolution") for XLA:CPU as
+// FFI custom calls: the forward pass, and the backward pass (input gradient, then kernel
+// gradient) as one call.
 //
 // Layouts are JAX's channels-last ones, row-major: x (N, *spatial, C_in), kernel
 // (*kernel_size, C_in, C_out), y and dy (N, *spatial_out, C_out), for 1, 2 or 3 spatial dims.
 // float32 only; no dilation, one feature group; any strides and non-negative (low, high) pads.
+// A transposed convolution takes oneDNN's kernel orientation (torch's ConvTranspose one: output
+// offset a of an input pixel takes tap a); the Python side flips lax's kernel to it.
 //
 // Why oneDNN chooses the kernel's layout (format_tag::any) and each call reorders the kernel
 // into it: convolutions on a plain HWIO kernel fell back to a reference path 2–4× slower, and
@@ -78,31 +81,52 @@ dims LogicalKernel(ffi::Span<const int64_t> shape) {
 
 dims ToDims(ffi::Span<const int64_t> values) { return dims(values.begin(), values.end()); }
 
+// The oneDNN primitive families of a convolution and of a transposed convolution.
+struct Convolution {
+  using Fwd = dnnl::convolution_forward;
+  using BwdData = dnnl::convolution_backward_data;
+  using BwdWeights = dnnl::convolution_backward_weights;
+  static constexpr dnnl::algorithm kAlgorithm = dnnl::algorithm::convolution_direct;
+};
+struct Deconvolution {
+  using Fwd = dnnl::deconvolution_forward;
+  using BwdData = dnnl::deconvolution_backward_data;
+  using BwdWeights = dnnl::deconvolution_backward_weights;
+  static constexpr dnnl::algorithm kAlgorithm = dnnl::algorithm::deconvolution_direct;
+};
+
 // One geometry's primitives. The backward ones are made on the first backward call, so a
 // forward-only program (inference) never pays for them.
+template <typename Kind>
 struct Conv {
-  dnnl::convolution_forward::primitive_desc fwd_pd;
-  dnnl::convolution_forward fwd;
+  typename Kind::Fwd::primitive_desc fwd_pd;
+  typename Kind::Fwd fwd;
   dnnl::reorder to_fwd_kernel;  // plain kernel → fwd_pd's layout
   dnnl::memory fwd_kernel;
 
   bool has_backward = false;
-  dnnl::convolution_backward_data bwd_data;
-  dnnl::memory::desc bwd_data_kernel_desc;
+  typename Kind::BwdData bwd_data;
   dnnl::reorder to_bwd_data_kernel;
   dnnl::memory bwd_data_kernel;
-  dnnl::convolution_backward_weights bwd_weights;
+  typename Kind::BwdWeights bwd_weights;
   dnnl::reorder to_plain_kernel_grad;  // bwd_weights' layout → plain kernel gradient
   dnnl::memory bwd_kernel_grad;
 };
+
+template <typename Kind>
+using Cache = std::map<std::vector<int64_t>, std::unique_ptr<Conv<Kind>>>;
 
 struct State {
   std::mutex mutex;
   dnnl::engine engine{dnnl::engine::kind::cpu, 0};
   dnnl::stream stream{engine};
-  std::map<std::vector<int64_t>, std::unique_ptr<Conv>> cache;
+  Cache<Convolution> convolutions;
+  Cache<Deconvolution> deconvolutions;
   int threads = 0;  // 0: OpenMP's default
 };
+
+Cache<Convolution>& CacheOf(State& state, Convolution) { return state.convolutions; }
+Cache<Deconvolution>& CacheOf(State& state, Deconvolution) { return state.deconvolutions; }
 
 State& GetState() {
   static State* state = new State();  // never destroyed: XLA may call in during exit
@@ -122,14 +146,15 @@ dnnl::memory Reordered(dnnl::reorder& reorder, dnnl::memory& from, dnnl::memory&
   return to;
 }
 
-Conv& Forward(State& state, const Geometry& g) {
-  auto& slot = state.cache[g.Key()];
+template <typename Kind>
+Conv<Kind>& Forward(State& state, const Geometry& g) {
+  auto& slot = CacheOf(state, Kind())[g.Key()];
   if (slot) return *slot;
-  auto conv = std::make_unique<Conv>();
-  conv->fwd_pd = dnnl::convolution_forward::primitive_desc(
-      state.engine, dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
-      g.Activations(g.src), g.AnyKernel(), g.Activations(g.dst), g.strides, g.pad_lo, g.pad_hi);
-  conv->fwd = dnnl::convolution_forward(conv->fwd_pd);
+  auto conv = std::make_unique<Conv<Kind>>();
+  conv->fwd_pd = typename Kind::Fwd::primitive_desc(
+      state.engine, dnnl::prop_kind::forward_training, Kind::kAlgorithm, g.Activations(g.src),
+      g.AnyKernel(), g.Activations(g.dst), g.strides, g.pad_lo, g.pad_hi);
+  conv->fwd = typename Kind::Fwd(conv->fwd_pd);
   if (conv->fwd_pd.weights_desc() != g.PlainKernel()) {
     conv->fwd_kernel = dnnl::memory(conv->fwd_pd.weights_desc(), state.engine);
     conv->to_fwd_kernel = dnnl::reorder(dnnl::reorder::primitive_desc(
@@ -139,22 +164,23 @@ Conv& Forward(State& state, const Geometry& g) {
   return *slot;
 }
 
-Conv& Backward(State& state, const Geometry& g) {
-  Conv& conv = Forward(state, g);
+template <typename Kind>
+Conv<Kind>& Backward(State& state, const Geometry& g) {
+  Conv<Kind>& conv = Forward<Kind>(state, g);
   if (conv.has_backward) return conv;
-  dnnl::convolution_backward_data::primitive_desc data_pd(
-      state.engine, dnnl::algorithm::convolution_direct, g.Activations(g.src), g.AnyKernel(),
-      g.Activations(g.dst), g.strides, g.pad_lo, g.pad_hi, conv.fwd_pd);
-  conv.bwd_data = dnnl::convolution_backward_data(data_pd);
+  typename Kind::BwdData::primitive_desc data_pd(
+      state.engine, Kind::kAlgorithm, g.Activations(g.src), g.AnyKernel(), g.Activations(g.dst),
+      g.strides, g.pad_lo, g.pad_hi, conv.fwd_pd);
+  conv.bwd_data = typename Kind::BwdData(data_pd);
   if (data_pd.weights_desc() != g.PlainKernel()) {
     conv.bwd_data_kernel = dnnl::memory(data_pd.weights_desc(), state.engine);
     conv.to_bwd_data_kernel = dnnl::reorder(dnnl::reorder::primitive_desc(
         state.engine, g.PlainKernel(), state.engine, data_pd.weights_desc()));
   }
-  dnnl::convolution_backward_weights::primitive_desc weights_pd(
-      state.engine, dnnl::algorithm::convolution_direct, g.Activations(g.src), g.AnyKernel(),
-      g.Activations(g.dst), g.strides, g.pad_lo, g.pad_hi, conv.fwd_pd);
-  conv.bwd_weights = dnnl::convolution_backward_weights(weights_pd);
+  typename Kind::BwdWeights::primitive_desc weights_pd(
+      state.engine, Kind::kAlgorithm, g.Activations(g.src), g.AnyKernel(), g.Activations(g.dst),
+      g.strides, g.pad_lo, g.pad_hi, conv.fwd_pd);
+  conv.bwd_weights = typename Kind::BwdWeights(weights_pd);
   if (weights_pd.diff_weights_desc() != g.PlainKernel()) {
     conv.bwd_kernel_grad = dnnl::memory(weights_pd.diff_weights_desc(), state.engine);
     conv.to_plain_kernel_grad = dnnl::reorder(dnnl::reorder::primitive_desc(
@@ -198,14 +224,15 @@ Geometry MakeGeometry(ffi::Span<const int64_t> x, ffi::Span<const int64_t> kerne
                   LogicalActivations(y), ToDims(strides), ToDims(pad_lo), ToDims(pad_hi)};
 }
 
-ffi::Error ConvForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
+template <typename Kind>
+ffi::Error ForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
                            ffi::ResultBuffer<ffi::F32> y, ffi::Span<const int64_t> strides,
                            ffi::Span<const int64_t> pad_lo, ffi::Span<const int64_t> pad_hi) {
   const Geometry g = MakeGeometry(x.dimensions(), kernel.dimensions(), y->dimensions(), strides,
                                   pad_lo, pad_hi);
   if (auto error = CheckAttributes(g); error.failure()) return error;
   return Guarded([&](State& state) {
-    Conv& conv = Forward(state, g);
+    Conv<Kind>& conv = Forward<Kind>(state, g);
     auto user_kernel = Wrap(g.PlainKernel(), state.engine, kernel.untyped_data());
     auto weights = Reordered(conv.to_fwd_kernel, user_kernel, conv.fwd_kernel, state.stream);
     conv.fwd.execute(state.stream,
@@ -217,7 +244,8 @@ ffi::Error ConvForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel
 }
 
 // dx and dkernel of y = conv(x, kernel) given dy, one after the other in the same call.
-ffi::Error ConvBackwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
+template <typename Kind>
+ffi::Error BackwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
                             ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dx,
                             ffi::ResultBuffer<ffi::F32> dkernel,
                             ffi::Span<const int64_t> strides, ffi::Span<const int64_t> pad_lo,
@@ -226,7 +254,7 @@ ffi::Error ConvBackwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kerne
                                   pad_lo, pad_hi);
   if (auto error = CheckAttributes(g); error.failure()) return error;
   return Guarded([&](State& state) {
-    Conv& conv = Backward(state, g);
+    Conv<Kind>& conv = Backward<Kind>(state, g);
     auto user_kernel = Wrap(g.PlainKernel(), state.engine, kernel.untyped_data());
     auto dy_mem = Wrap(g.Activations(g.dst), state.engine, dy.untyped_data());
     auto weights = Reordered(conv.to_bwd_data_kernel, user_kernel, conv.bwd_data_kernel,
@@ -250,25 +278,32 @@ ffi::Error ConvBackwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kerne
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(UnetJaxOnednnConvForward, ConvForwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<ffi::Span<const int64_t>>("strides")
-                                  .Attr<ffi::Span<const int64_t>>("pad_lo")
-                                  .Attr<ffi::Span<const int64_t>>("pad_hi"));
+#define UNET_JAX_FORWARD_HANDLER(symbol, kind)                    \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(symbol, ForwardImpl<kind>,          \
+                                ffi::Ffi::Bind()                    \
+                                    .Arg<ffi::Buffer<ffi::F32>>()   \
+                                    .Arg<ffi::Buffer<ffi::F32>>()   \
+                                    .Ret<ffi::Buffer<ffi::F32>>()   \
+                                    .Attr<ffi::Span<const int64_t>>("strides") \
+                                    .Attr<ffi::Span<const int64_t>>("pad_lo")  \
+                                    .Attr<ffi::Span<const int64_t>>("pad_hi"))
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(UnetJaxOnednnConvBackward, ConvBackwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<ffi::Span<const int64_t>>("strides")
-                                  .Attr<ffi::Span<const int64_t>>("pad_lo")
-                                  .Attr<ffi::Span<const int64_t>>("pad_hi"));
+#define UNET_JAX_BACKWARD_HANDLER(symbol, kind)                   \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(symbol, BackwardImpl<kind>,         \
+                                ffi::Ffi::Bind()                    \
+                                    .Arg<ffi::Buffer<ffi::F32>>()   \
+                                    .Arg<ffi::Buffer<ffi::F32>>()   \
+                                    .Arg<ffi::Buffer<ffi::F32>>()   \
+                                    .Ret<ffi::Buffer<ffi::F32>>()   \
+                                    .Ret<ffi::Buffer<ffi::F32>>()   \
+                                    .Attr<ffi::Span<const int64_t>>("strides") \
+                                    .Attr<ffi::Span<const int64_t>>("pad_lo")  \
+                                    .Attr<ffi::Span<const int64_t>>("pad_hi"))
+
+UNET_JAX_FORWARD_HANDLER(UnetJaxOnednnConvForward, Convolution);
+UNET_JAX_BACKWARD_HANDLER(UnetJaxOnednnConvBackward, Convolution);
+UNET_JAX_FORWARD_HANDLER(UnetJaxOnednnDeconvForward, Deconvolution);
+UNET_JAX_BACKWARD_HANDLER(UnetJaxOnednnDeconvBackward, Deconvolution);
 
 // The OpenMP team size of every later call; Python passes the process's CPU count.
 extern "C" void unet_jax_onednn_set_threads(int threads) {
