@@ -16,16 +16,21 @@ import numpy as np
 TORCH_PIN = 'torch==2.13.0'
 
 
-def torch_unet(torch: Any, *, width: int, depth: int, norm: str, num_classes: int) -> Any:
-  """The same network as unet_jax.models.UNet(padding='SAME'), in torch.nn."""
+def torch_unet(torch: Any, *, width: int, depth: int, norm: str, num_classes: int,
+               rank: int = 2) -> Any:
+  """The same network as unet_jax.models.UNet(padding='SAME'), in torch.nn; 2D or 3D."""
   tnn = torch.nn
+  conv_nd = {2: tnn.Conv2d, 3: tnn.Conv3d}[rank]
+  norm_nd = {2: tnn.BatchNorm2d, 3: tnn.BatchNorm3d}[rank]
+  up_nd = {2: tnn.ConvTranspose2d, 3: tnn.ConvTranspose3d}[rank]
+  pool_nd = {2: torch.nn.functional.max_pool2d, 3: torch.nn.functional.max_pool3d}[rank]
 
   def conv_block(cin: int, cout: int) -> Any:
     layers = []
     for c in (cin, cout):
-      layers.append(tnn.Conv2d(c, cout, 3, padding=1, bias=norm == 'none'))
+      layers.append(conv_nd(c, cout, 3, padding=1, bias=norm == 'none'))
       if norm == 'batch':
-        layers.append(tnn.BatchNorm2d(cout, eps=1e-5, momentum=0.1))
+        layers.append(norm_nd(cout, eps=1e-5, momentum=0.1))
       layers.append(tnn.ReLU(inplace=True))
     return tnn.Sequential(*layers)
 
@@ -37,17 +42,17 @@ def torch_unet(torch: Any, *, width: int, depth: int, norm: str, num_classes: in
           conv_block(1 if level == 0 else width * 2**(level - 1), width * 2**level)
           for level in range(depth + 1))
       self.ups = tnn.ModuleList(
-          tnn.ConvTranspose2d(width * 2**(level + 1), width * 2**level, 2, stride=2)
+          up_nd(width * 2**(level + 1), width * 2**level, 2, stride=2)
           for level in range(depth))
       self.decoders = tnn.ModuleList(
           conv_block(width * 2**(level + 1), width * 2**level) for level in range(depth))
-      self.head = tnn.Conv2d(width, num_classes, 1)
+      self.head = conv_nd(width, num_classes, 1)
 
     def forward(self, x):
       skips = []
       for level, encoder in enumerate(self.encoders):
         if level:
-          x = torch.nn.functional.max_pool2d(x, 2)
+          x = pool_nd(x, 2)
         x = encoder(x)
         skips.append(x)
       x = skips.pop()
@@ -61,16 +66,19 @@ def torch_unet(torch: Any, *, width: int, depth: int, norm: str, num_classes: in
 def copy_jax_weights(torch: Any, model: Any, variables: dict[str, np.ndarray], *,
                      depth: int, norm: str) -> None:
   """Copies the flax variables (keystr → array) into the torch model, layout by layout."""
+  rank = model.head.weight.ndim - 2
+  # (*kernel, I, O) → (O, I, *kernel), e.g. HWIO → OIHW.
+  to_oi = (rank + 1, rank, *range(rank))
 
   def get(path: str) -> Any:
     return torch.from_numpy(np.ascontiguousarray(variables[path]))
 
   def conv_block(seq: Any, prefix: str) -> None:
-    convs = [m for m in seq if isinstance(m, torch.nn.Conv2d)]
-    norms = [m for m in seq if isinstance(m, torch.nn.BatchNorm2d)]
+    convs = [m for m in seq if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d))]
+    norms = [m for m in seq if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.BatchNorm3d))]
     for i, conv in enumerate(convs):
       p = f"{prefix}['block']['conv{i}']"
-      conv.weight.copy_(get(f"['params']{p}['kernel']").permute(3, 2, 0, 1))  # HWIO → OIHW
+      conv.weight.copy_(get(f"['params']{p}['kernel']").permute(*to_oi))
       if conv.bias is not None:
         conv.bias.copy_(get(f"['params']{p}['bias']"))
       if norm == 'batch':
@@ -87,11 +95,12 @@ def copy_jax_weights(torch: Any, model: Any, variables: dict[str, np.ndarray], *
       conv_block(model.decoders[level], f"['decoder{level}']")
       p = f"['params']['decoder{level}']['upsample']['ConvTranspose_0']"
       # lax.conv_transpose does not flip the kernel; torch's transposed conv does, and keeps
-      # the kernel as (C_in, C_out, kh, kw).
-      kernel = np.ascontiguousarray(variables[p + "['kernel']"][::-1, ::-1].transpose(2, 3, 0, 1))
+      # the kernel as (C_in, C_out, *kernel).
+      flipped = variables[p + "['kernel']"][(slice(None, None, -1),) * rank]
+      kernel = np.ascontiguousarray(flipped.transpose(rank, rank + 1, *range(rank)))
       model.ups[level].weight.copy_(torch.from_numpy(kernel))
       model.ups[level].bias.copy_(get(p + "['bias']"))
-    model.head.weight.copy_(get("['params']['head']['Conv_0']['kernel']").permute(3, 2, 0, 1))
+    model.head.weight.copy_(get("['params']['head']['Conv_0']['kernel']").permute(*to_oi))
     model.head.bias.copy_(get("['params']['head']['Conv_0']['bias']"))
 
 
@@ -112,16 +121,19 @@ class TorchWorker:
   def setup(self, *, width: int, depth: int, num_classes: int, norm: str, layout: str,
             learning_rate: float, variables: dict[str, np.ndarray],
             data: dict[str, np.ndarray]) -> None:
-    """Builds the model from the JAX `variables` and takes the JAX side's batch `data`."""
+    """Builds the model from the JAX `variables` and takes the JAX side's batch `data`
+    (2D or 3D, channels-last); 'channels_last' is channels_last_3d for 3D."""
     torch = self.torch
     self.num_classes = num_classes
-    self.model = torch_unet(torch, width=width, depth=depth, norm=norm, num_classes=num_classes)
+    self.rank = rank = data['image'].ndim - 2
+    self.model = torch_unet(torch, width=width, depth=depth, norm=norm, num_classes=num_classes,
+                            rank=rank)
     copy_jax_weights(torch, self.model, variables, depth=depth, norm=norm)
-    self.memory_format = (torch.channels_last if layout == 'channels_last'
-                          else torch.contiguous_format)
+    channels_last = {2: torch.channels_last, 3: torch.channels_last_3d}[rank]
+    self.memory_format = channels_last if layout == 'channels_last' else torch.contiguous_format
     self.model = self.model.to(memory_format=self.memory_format)
-    self.image = torch.from_numpy(data['image']).permute(0, 3, 1, 2).contiguous(
-        memory_format=self.memory_format)
+    self.image = torch.from_numpy(data['image']).permute(0, rank + 1, *range(1, rank + 1))
+    self.image = self.image.contiguous(memory_format=self.memory_format)
     self.label = torch.from_numpy(data['label']).long()
     self.optimizer = torch.optim.Adam(self.model.parameters(), lr=learning_rate, eps=1e-8)
 
@@ -130,9 +142,11 @@ class TorchWorker:
     functional = self.torch.nn.functional
     ce = functional.cross_entropy(logits, self.label)
     probs = logits.softmax(1)
-    onehot = functional.one_hot(self.label, self.num_classes).permute(0, 3, 1, 2).to(probs.dtype)
-    inter = (probs * onehot).sum((2, 3))
-    total = probs.sum((2, 3)) + onehot.sum((2, 3))
+    onehot = functional.one_hot(self.label, self.num_classes)
+    onehot = onehot.permute(0, self.rank + 1, *range(1, self.rank + 1)).to(probs.dtype)
+    spatial = tuple(range(2, self.rank + 2))
+    inter = (probs * onehot).sum(spatial)
+    total = probs.sum(spatial) + onehot.sum(spatial)
     dice = (2 * inter + 1) / (total + 1)
     return ce + (1 - dice.mean(1)).mean()
 
@@ -141,7 +155,7 @@ class TorchWorker:
     with self.torch.no_grad():
       logits = self.model(self.image)
       loss = self._loss(logits)
-    return float(loss), logits.permute(0, 2, 3, 1).contiguous().numpy()
+    return float(loss), logits.permute(0, *range(2, self.rank + 2), 1).contiguous().numpy()
 
   def step(self) -> float:
     self.model.train()

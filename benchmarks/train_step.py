@@ -1,31 +1,40 @@
-r"""U-Net train-step speed and memory, JAX vs PyTorch (torch: pip install torch==2.13.0).
+r"""U-Net train-step and inference speed, JAX vs PyTorch (torch: pip install torch==2.13.0).
 
-  python benchmarks/train_step.py          # widths 16/32/64, batch 4, 1×256×256, ~10 min
-  python benchmarks/train_step.py --widths=16 --steps=5
+  python benchmarks/train_step.py          # widths 16/32/64, tiled 2048², 3D 64³; ~15 min
+  python benchmarks/train_step.py --widths=16 --steps=5 --size3d=0
   python benchmarks/train_step.py --gpu_paper --batch=8   # accelerator: the paper model, MFU
 
 The model is the project's `UNet(num_classes=2, width, depth=4, padding='SAME', norm='batch')` (the
 CPU configuration of experiments/isbi.py), trained by the project's training step (`train_step` of
 unet_jax/training/train_step.py) with Adam and cross-entropy + Dice, fp32. The JAX columns are the
-same model with `model.conv_impl` = 'xla' (XLA's own convolutions and pooling: "stock"), 'auto'
-(what the library picks on this backend, the default) and 'fast' (every layer on the fast path; see
-unet_jax/models/fast_conv.py); the parameters are the same. The PyTorch peer (torch_peer.py) is the
-same network in eager mode, channels_last (its fastest eager layout on CPU; `--torch_layout=nchw`
-for the other), `torch.set_num_threads(--threads)`, with weights copied from the JAX initialisation,
-so both compute the same function: logits and loss are checked to agree before anything is timed.
+same model with `model.conv_impl` = 'xla' (XLA's own convolutions and pooling: "stock"),
+'portable' (the fast paths of unet_jax/models/fast_conv.py where they were measured faster, no
+custom calls) and 'auto' (the default: on this CPU oneDNN's convolutions through FFI custom
+calls, unet_jax/models/onednn/); `--impls` picks others ('fast', 'onednn'). The parameters are
+the same. The PyTorch peer (torch_peer.py) is the same network in eager mode, channels_last (its
+fastest eager layout on CPU; channels_last_3d in 3D; `--torch_layout=nchw` for the other),
+`torch.set_num_threads(--threads)`, with weights copied from the JAX initialisation, so both
+compute the same function: logits and loss are checked to agree before anything is timed.
+
+Rows: per width (batch 4 of 1×256²) a training step and a forward pass; at `--tiled_width` the
+overlap-tile prediction of one random 2048² image with 256² tiles (25 % overlap, Gaussian
+blending; the JAX predictor end to end, host tiling and blending included) against torch's
+forward pass over the same number of tile batches; and the 3D U-Net (width 16, depth 4, batch 1
+of 1×64³) training step and forward pass.
 
 JAX and PyTorch run in two worker processes driven in turn by this one, never at the same
-time, so neither's idle thread pool competes with the other's work. Step times are medians of
-`--steps` timed steps after a warm-up step, interleaved stock / fast / torch; the load average
-is printed because the numbers are only comparable on an otherwise idle machine. GFLOP/s
-counts the convolutions analytically: 2·k^d·C_in·C_out·(output pixels) per convolution
-forward (transposed convolutions by input pixels), ×3 for a training step.
+time, so neither's idle thread pool competes with the other's work. Times are medians of
+`--steps` timed runs after a warm-up run, interleaved stock / portable / auto / torch; the load
+average is printed because the numbers are only comparable on an otherwise idle machine.
+GFLOP/s counts the model's own FLOPs (unet_jax/models/flops.py: convolutions and matrix
+products from the traced forward pass of the 'xla' model), ×3 for a training step.
 
-After the speed table, a memory table: for each remat policy (`model.remat`) the activations
-saved for the backward pass (counted from the traced step, any backend) and XLA's compiled
-estimate of the step's memory (arguments + outputs + temporaries) at each width, and the saved
-activations of the paper model at 572×572, batch 8. XLA:CPU's scheduler does not exploit remat,
-so the compiled estimate on CPU barely moves; on GPU --gpu_paper measures the real peak.
+After the speed table, a memory table (step_memory.py): for each remat policy (`model.remat`)
+the activations saved for the backward pass (counted from the traced step, any backend) and
+XLA's compiled estimate of the step's memory (arguments + outputs + temporaries) at each width,
+and the saved activations of the paper model at 572×572, batch 8. XLA:CPU's scheduler does not
+exploit remat, so the compiled estimate on CPU barely moves; on GPU --gpu_paper measures the
+real peak.
 
 --gpu_paper times the paper network instead (width 64, depth 4, VALID, 572×572 → 388×388,
 bf16 compute, no normalisation) on the default accelerator and prints images/s, the model FLOP
@@ -36,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import math
 import multiprocessing
 import os
 import statistics
@@ -51,46 +59,18 @@ DEPTH = 4
 LEARNING_RATE = 1e-3
 
 
-# --- FLOPs -----------------------------------------------------------------------------------
-
-
-def unet_forward_flops(*, width: int, depth: int, size: int, padding: str, in_channels: int = 1,
-                       num_classes: int = NUM_CLASSES) -> int:
-  """Multiply-add FLOPs (×2) of one image through the U-Net's convolutions, 2D."""
-  trim = 2 if padding == 'VALID' else 0  # pixels a 3×3 conv removes per spatial dim
-  flops = 0
-
-  def block(size: int, cin: int, cout: int) -> int:
-    nonlocal flops
-    for c in (cin, cout):
-      size -= trim
-      flops += 2 * 9 * c * cout * size * size
-    return size
-
-  sizes, channels = [], in_channels
-  for level in range(depth + 1):
-    if level:
-      size //= 2
-    size = block(size, channels, width * 2**level)
-    channels = width * 2**level
-    sizes.append(size)
-  for level in reversed(range(depth)):
-    cout = width * 2**level
-    flops += 2 * 4 * channels * cout * size * size  # 2×2 up-convolution, per input pixel
-    size *= 2
-    size = block(size, 2 * cout, cout)
-    channels = cout
-  return flops + 2 * channels * num_classes * size * size
-
-
 # --- the JAX side ----------------------------------------------------------------------------
 
 
-def make_batch(batch: int, size: int, seed: int = 0) -> dict[str, np.ndarray]:
+def make_batch(batch: int, size: int, seed: int = 0, rank: int = 2) -> dict[str, np.ndarray]:
+  """Images (batch, *(size,)*rank, 1) and labels (batch, *(size,)*rank) of two classes."""
   rng = np.random.default_rng(seed)
-  image = rng.normal(size=(batch, size, size, 1)).astype(np.float32)
+  image = rng.normal(size=(batch, *(size,) * rank, 1)).astype(np.float32)
   # Blobs rather than noise, so that both classes and the Dice term are non-trivial.
-  label = (np.cumsum(np.cumsum(rng.normal(size=(batch, size, size)), 1), 2) > 0).astype(np.int32)
+  field = rng.normal(size=(batch, *(size,) * rank))
+  for axis in range(1, rank + 1):
+    field = np.cumsum(field, axis)
+  label = (field > 0).astype(np.int32)
   return {'image': image, 'label': label}
 
 
@@ -106,17 +86,17 @@ class JaxWorker:
     jax = self.jax
     return f'jax {jax.__version__}, {jax.device_count()} × {jax.devices()[0].device_kind}'
 
-  def setup(self, *, width: int, batch: int, size: int, norm: str, impls: tuple[str, ...]
-            ) -> dict[str, np.ndarray]:
+  def setup(self, *, width: int, batch: int, size: int, norm: str, impls: tuple[str, ...],
+            rank: int = 2) -> dict[str, np.ndarray]:
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
     import optax  # pylint: disable=g-import-not-at-top
-    from unet_jax.models import UNet  # pylint: disable=g-import-not-at-top
+    from unet_jax.models import UNet, flops  # pylint: disable=g-import-not-at-top
     from unet_jax.training import losses  # pylint: disable=g-import-not-at-top
     from unet_jax.training import train_step  # pylint: disable=g-import-not-at-top
     jax = self.jax
     tx = optax.adam(LEARNING_RATE)
     loss_fn = losses.make_loss({'cross_entropy': 1.0, 'dice': 1.0})
-    data = make_batch(batch, size)
+    data = make_batch(batch, size, rank=rank)
     self.batch = {k: jnp.asarray(v) for k, v in data.items()}
     self.runs = {}
     reference = None
@@ -124,7 +104,7 @@ class JaxWorker:
       model = UNet(num_classes=NUM_CLASSES, width=width, depth=DEPTH, padding='SAME', norm=norm,
                    conv_impl='xla' if impl == 'stock' else impl)
       state = train_step.init_state(jax.random.key(0), model=model, tx=tx,
-                                    input_shape=(1, size, size, 1), ema=False)
+                                    input_shape=(1, *(size,) * rank, 1), ema=False)
       if reference is None:
         reference = state
       elif (jax.tree.structure(state) != jax.tree.structure(reference)
@@ -145,10 +125,37 @@ class JaxWorker:
       infer = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(
           {'params': state.params, 'batch_stats': state.batch_stats},
           self.batch['image']).compile()
-      self.runs[impl] = dict(step=step, check=check, infer=infer, state=state)
-    flat = jax.tree_util.tree_flatten_with_path(
-        {'params': reference.params, 'batch_stats': reference.batch_stats})[0]
+      self.runs[impl] = dict(step=step, check=check, infer=infer, state=state, model=model)
+    variables = {'params': reference.params, 'batch_stats': reference.batch_stats}
+    # The model's own FLOP count: one forward pass of the batch through the 'xla' model.
+    self.forward_flops = flops.forward_flops(
+        UNet(num_classes=NUM_CLASSES, width=width, depth=DEPTH, padding='SAME', norm=norm,
+             conv_impl='xla'), variables, self.batch['image'].shape)
+    flat = jax.tree_util.tree_flatten_with_path(variables)[0]
     return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in flat}
+
+  def flops(self) -> int:
+    """FLOPs of one forward pass of the batch of the last `setup`."""
+    return self.forward_flops
+
+  def setup_tiled(self, *, image_size: int, tile: int) -> int:
+    """Overlap-tile predictors (batch = the setup's batch, tiles of the setup's size) for each
+    impl of the last `setup`, and a random image; returns the number of tile batches."""
+    from unet_jax.inference import tiled  # pylint: disable=g-import-not-at-top
+    self.image = np.random.default_rng(1).normal(size=(image_size, image_size, 1))
+    self.image = self.image.astype(np.float32)
+    for run in self.runs.values():
+      variables = {'params': run['state'].params, 'batch_stats': run['state'].batch_stats}
+      run['tiled'] = tiled.TiledPredictor.for_model(run['model'], variables, tile_size=tile,
+                                                    batch_size=self.batch['image'].shape[0])
+    predictor = next(iter(self.runs.values()))['tiled']
+    return -(-len(predictor.plan(self.image.shape[:-1])) // predictor.batch_size)
+
+  def tiled(self, *, impl: str) -> float:
+    """Seconds to predict the image of `setup_tiled`, tiling and blending included."""
+    start = time.perf_counter()
+    self.runs[impl]['tiled'](self.image)
+    return time.perf_counter() - start
 
   def outputs(self, *, impl: str) -> tuple[float, np.ndarray]:
     run = self.runs[impl]
@@ -168,76 +175,6 @@ class JaxWorker:
     start = time.perf_counter()
     self.jax.block_until_ready(run['infer'](variables, self.batch['image']))
     return time.perf_counter() - start
-
-
-def step_memory(*, model: Any, batch: int, size: int, out_size: int,
-                compile_step: bool) -> tuple[float, float | None]:
-  """MiB of activations saved for the backward pass, and of XLA's compiled step (or None).
-
-  The saved activations are the residuals of `jax.vjp` of the loss, counted on the traced
-  step (no device memory is touched), so they show what a remat policy keeps on any backend.
-  The compiled figure is XLA's plan for the whole train step on this backend: arguments,
-  outputs and temporaries (without donation, so the state is counted twice).
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import optax  # pylint: disable=g-import-not-at-top
-  from unet_jax.training import losses  # pylint: disable=g-import-not-at-top
-  from unet_jax.training import train_step  # pylint: disable=g-import-not-at-top
-  tx = optax.adam(LEARNING_RATE)
-  loss_fn = losses.make_loss({'cross_entropy': 1.0, 'dice': 1.0})
-  data = {'image': jax.ShapeDtypeStruct((batch, size, size, 1), jnp.float32),
-          'label': jax.ShapeDtypeStruct((batch, out_size, out_size), jnp.int32)}
-  state = jax.eval_shape(functools.partial(train_step.init_state, model=model, tx=tx,
-                                           input_shape=(1, size, size, 1), ema=False),
-                         jax.random.key(0))
-
-  def loss(params, batch_stats, batch):
-    variables = {'params': params, 'batch_stats': batch_stats}
-    logits, _ = model.apply(variables, batch['image'], train=True, mutable=['batch_stats'])
-    return loss_fn(logits, batch['label'])[0]
-
-  def saved_for_backward(params, batch_stats, batch):
-    return jax.tree.leaves(jax.vjp(lambda p: loss(p, batch_stats, batch), params)[1])
-
-  residuals = jax.eval_shape(saved_for_backward, state.params, state.batch_stats, data)
-  saved = sum(math.prod(r.shape) * r.dtype.itemsize for r in residuals) / 2**20
-  if not compile_step:
-    return saved, None
-  step = functools.partial(train_step.train_step, model=model, tx=tx, loss_fn=loss_fn,
-                           schedule=lambda _: LEARNING_RATE)
-  analysis = jax.jit(step).lower(state, data, jax.random.key(1)).compile().memory_analysis()
-  planned = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes
-             + analysis.temp_size_in_bytes) / 2**20
-  return saved, planned
-
-
-def run_memory(args: argparse.Namespace, widths: list[int]) -> None:
-  """Saved activations and XLA's memory plan per remat policy (see the module docstring)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from unet_jax.models import UNet, blocks  # pylint: disable=g-import-not-at-top
-  policies = blocks.REMAT_POLICIES
-  print(f'\nMemory per remat policy ({jax.devices()[0].device_kind}; MiB): activations saved '
-        'for the backward pass / XLA\'s compiled plan of the train step\n')
-  print('| model | batch | input | dtype | ' + ' | '.join(policies) + ' |')
-  print('|' + ' --- |' * (4 + len(policies)))
-  # XLA's compiled plan only for the smallest width: on CPU it barely depends on remat, and
-  # compiling the wider steps three more times would double the benchmark's run time.
-  rows = [(f'width {w}, SAME, {args.norm}', args.batch, args.size, 'float32', w, 'SAME', args.norm,
-           w == min(widths)) for w in widths]
-  # The paper model at the tile size of the paper; counted only (compiling it on a CPU is slow).
-  rows += [('paper (width 64, VALID)', 8, 572, dtype, 64, 'VALID', 'none', False)
-           for dtype in ('float32', 'bfloat16')]
-  for name, batch, size, dtype, width, padding, norm, compile_step in rows:
-    cells = []
-    for policy in policies:
-      model = UNet(num_classes=NUM_CLASSES, width=width, depth=DEPTH, padding=padding, norm=norm,
-                   remat=policy, dtype=jnp.dtype(dtype))
-      saved, planned = step_memory(model=model, batch=batch, size=size, compile_step=compile_step,
-                                   out_size=model.output_size(size))
-      cells.append(f'{saved:,.0f}' + (f' / {planned:,.0f}' if planned is not None else ''))
-    print(f'| {name} | {batch} | {size}² | {dtype} | ' + ' | '.join(cells) + ' |', flush=True)
 
 
 # --- driving the two workers -----------------------------------------------------------------
@@ -321,8 +258,33 @@ def _load() -> str:
   return '/'.join(f'{x:.1f}' for x in os.getloadavg())
 
 
+def _cases(args: argparse.Namespace) -> list[dict[str, Any]]:
+  """The rows of the speed table: (model, passes) with the sizes each pass runs at."""
+  cases = [dict(name=f'{w}', width=w, batch=args.batch, size=args.size, rank=2,
+                passes=('train', 'forward') + (('tiled',) if w == args.tiled_width else ()))
+           for w in (int(w) for w in args.widths.split(','))]
+  if args.size3d:
+    cases.append(dict(name=f'3D {args.width3d}', width=args.width3d, batch=args.batch3d,
+                      size=args.size3d, rank=3, passes=('train', 'forward')))
+  return cases
+
+
+def _time_pass(jax_worker: Worker, torch_worker: Worker | None, impls: list[str], mode: str,
+               rounds: int, pause: float, tile_batches: int) -> dict[str, list[float]]:
+  """Interleaved timings of one pass; 'tiled' is the whole image through the JAX predictor
+  against torch's forward pass over the same number of tile batches."""
+  method = {'train': 'step', 'forward': 'forward', 'tiled': 'tiled'}[mode]
+  calls = {impl: (lambda impl=impl: jax_worker(method, impl=impl)) for impl in impls}
+  if torch_worker and mode == 'tiled':
+    calls['torch'] = lambda: sum(torch_worker('forward') for _ in range(tile_batches))
+  elif torch_worker:
+    calls['torch'] = lambda: torch_worker(method)
+  for call in calls.values():  # warm-up: the first run of each touches fresh memory
+    call()
+  return _timed_rounds(calls, rounds, pause)
+
+
 def run_cpu(args: argparse.Namespace) -> None:
-  widths = [int(w) for w in args.widths.split(',')]
   impls = ['stock'] + [i for i in args.impls.split(',') if i != 'stock']
   default_steps = {16: 5, 32: 3, 64: 2}
   # Not at the top: the tests load this file by path, without benchmarks/ on sys.path.
@@ -342,41 +304,44 @@ def run_cpu(args: argparse.Namespace) -> None:
   rows = [header, '|' + ' --- |' * (header.count('|') - 1)]
   minima = []
   try:
-    for width in widths:
-      variables = jax_worker('setup', width=width, batch=args.batch, size=args.size,
-                             norm=args.norm, impls=tuple(impls))
+    for case in _cases(args):
+      batch, size, rank = case['batch'], case['size'], case['rank']
+      variables = jax_worker('setup', width=case['width'], batch=batch, size=size,
+                             norm=args.norm, impls=tuple(impls), rank=rank)
       params = sum(v.size for k, v in variables.items() if k.startswith("['params']"))
       if torch_worker:
-        torch_worker('setup', width=width, depth=DEPTH, num_classes=NUM_CLASSES, norm=args.norm,
-                     layout=args.torch_layout, learning_rate=LEARNING_RATE, variables=variables,
-                     data=make_batch(args.batch, args.size))
+        torch_worker('setup', width=case['width'], depth=DEPTH, num_classes=NUM_CLASSES,
+                     norm=args.norm, layout=args.torch_layout, learning_rate=LEARNING_RATE,
+                     variables=variables, data=make_batch(batch, size, rank=rank))
       agreement = _check_agreement(jax_worker, torch_worker, impls, args.tolerance)
-      print(f'width {width}: {params:,} parameters; agreement before timing: {agreement}',
-            flush=True)
-      flops = args.batch * unet_forward_flops(width=width, depth=DEPTH, size=args.size,
-                                              padding='SAME')
-      for mode, multiplier in (('train', 3), ('forward', 1)):
-        method = 'step' if mode == 'train' else 'forward'
-        calls = {impl: (lambda impl=impl: jax_worker(method, impl=impl)) for impl in impls}
-        if torch_worker:
-          calls['torch'] = lambda: torch_worker(method)
-        for call in calls.values():  # warm-up: the first run of each touches fresh memory
-          call()
-        rounds = args.steps or default_steps.get(width, 2)
+      shape = '×'.join([str(size)] * rank)
+      print(f'width {case["name"]} (batch {batch} of 1×{shape}): {params:,} parameters; '
+            f'agreement before timing: {agreement}', flush=True)
+      forward_flops = jax_worker('flops')
+      tile_batches = 0
+      for mode in case['passes']:
+        images, flops = batch, forward_flops * (3 if mode == 'train' else 1)
+        rounds = args.steps or default_steps.get(case['width'], 2)
         if mode == 'forward':
           rounds = max(rounds + 1, 3)
+        if mode == 'tiled':
+          tile_batches = jax_worker('setup_tiled', image_size=args.tiled_size, tile=size)
+          images, flops, rounds = 1, forward_flops * tile_batches, args.tiled_rounds
         load = _load()
-        times = _timed_rounds(calls, rounds, args.pause)
+        times = _time_pass(jax_worker, torch_worker, impls, mode, rounds, args.pause,
+                           tile_batches)
         median = {name: statistics.median(t) for name, t in times.items()}
         fastest = {name: min(t) for name, t in times.items()}
         cells = ' | '.join(f'{median[c]:.3f}' for c in columns)
-        ips = ' / '.join(f'{args.batch / median[c]:.2f}' for c in columns)
-        gflops = ' / '.join(f'{multiplier * flops / median[c] / 1e9:.0f}' for c in columns)
+        ips = ' / '.join(f'{images / median[c]:.2f}' for c in columns)
+        gflops = ' / '.join(f'{flops / median[c] / 1e9:.0f}' for c in columns)
         ratios = ''.join(f'{median[i] / median["torch"]:.2f} | ' for i in impls if torch_worker)
-        rows.append(f'| {width} | {mode} | {cells} | {ips} | {gflops} | {ratios}'
+        what = (f'tiled {args.tiled_size}², {tile_batches}×{batch} tiles' if mode == 'tiled'
+                else mode)
+        rows.append(f'| {case["name"]} | {what} | {cells} | {ips} | {gflops} | {ratios}'
                     f'{load} → {_load()} |')
-        minima.append(f'| {width} | {mode} | ' + ' | '.join(f'{fastest[c]:.3f}' for c in columns)
-                      + ' |')
+        minima.append(f'| {case["name"]} | {what} | '
+                      + ' | '.join(f'{fastest[c]:.3f}' for c in columns) + ' |')
         print(rows[-1], flush=True)
         print('    every timed run (s):', {n: [round(x, 3) for x in t] for n, t in times.items()},
               flush=True)
@@ -392,7 +357,8 @@ def run_cpu(args: argparse.Namespace) -> None:
   print('|' + ' --- |' * (len(columns) + 2))
   print('\n'.join(minima))
   if not args.no_memory:
-    run_memory(args, widths)
+    import step_memory  # pylint: disable=g-import-not-at-top
+    step_memory.run_memory(args, [int(w) for w in args.widths.split(',')])
 
 
 # --- the paper model on an accelerator -------------------------------------------------------
@@ -404,6 +370,7 @@ def run_gpu_paper(args: argparse.Namespace) -> None:
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
   from unet_jax.models import UNet  # pylint: disable=g-import-not-at-top
+  from unet_jax.models import flops as model_flops  # pylint: disable=g-import-not-at-top
   from unet_jax.training import losses  # pylint: disable=g-import-not-at-top
   from unet_jax.training import train_step  # pylint: disable=g-import-not-at-top
 
@@ -425,7 +392,9 @@ def run_gpu_paper(args: argparse.Namespace) -> None:
   data = make_batch(args.batch, size)
   batch = {'image': jnp.asarray(data['image']),
            'label': jnp.asarray(data['label'][:, :out, :out])}
-  flops = 3 * args.batch * unet_forward_flops(width=64, depth=DEPTH, size=size, padding='VALID')
+  paper = UNet(num_classes=NUM_CLASSES, width=64, depth=DEPTH, padding='VALID', conv_impl='xla')
+  abstract = jax.eval_shape(paper.init, jax.random.key(0), jnp.zeros((1, size, size, 1)))
+  flops = 3 * model_flops.forward_flops(paper, abstract, (args.batch, size, size, 1))
   device = jax.devices()[0]
   print(f'{device.device_kind}: paper U-Net, batch {args.batch}, {size}² → {out}², bf16 compute; '
         f'measured bf16 matmul peak {peak / 1e12:.1f} TFLOP/s\n')
@@ -467,8 +436,16 @@ def main() -> None:
   parser.add_argument('--batch', type=int, default=4)
   parser.add_argument('--size', type=int, default=256)
   parser.add_argument('--norm', default='batch', choices=('batch', 'none'))
-  parser.add_argument('--impls', default='auto',
-                      help="fast_conv impls timed besides stock: 'auto', 'fast' or both")
+  parser.add_argument('--impls', default='portable,auto',
+                      help="conv_impls timed besides stock ('xla'), comma-separated: 'portable' "
+                           "(no custom calls), 'auto' (oneDNN on this CPU), 'fast', 'onednn'")
+  parser.add_argument('--tiled_width', type=int, default=16,
+                      help='width whose rows add tiled inference of one --tiled_size² image')
+  parser.add_argument('--tiled_size', type=int, default=2048)
+  parser.add_argument('--tiled_rounds', type=int, default=3)
+  parser.add_argument('--size3d', type=int, default=64, help='3D U-Net input size (0: none)')
+  parser.add_argument('--width3d', type=int, default=16)
+  parser.add_argument('--batch3d', type=int, default=1)
   parser.add_argument('--steps', type=int, default=0,
                       help='timed steps per row (default: 5 / 3 / 2 for widths 16 / 32 / 64)')
   parser.add_argument('--threads', type=int, default=2, help='torch.set_num_threads')

@@ -149,8 +149,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, output_path: str, *,
   geometry = tiling.geometry_for(restored.model)
   out_shape = [geometry.check_tile_size(t, field='tile_size') for t in tile_shape]
   model = restored.model
-  if platforms:  # conv_impl='auto' must follow where the module will run, not this host
-    model = model.clone(conv_impl=fast_conv.impl_for_platforms(model.conv_impl, platforms))
+  # conv_impl='auto' must follow where the module will run, not this host, and an exported
+  # module never holds the oneDNN custom calls (they exist only in a process that registered
+  # them): a CPU export takes 'portable'.
+  model = model.clone(conv_impl=fast_conv.impl_for_platforms(
+      model.conv_impl, platforms or (jax.default_backend(),)))
   exported = export_predictor(tiled.model_apply_fn(model), restored.variables,
                               tile_shape=tile_shape, input_channels=restored.input_channels,
                               batch_size=batch_size, platforms=platforms)

@@ -9,9 +9,9 @@ center-cropped to the main branch. `remat_if` wraps any of them in `nn.remat` un
 REMAT_POLICIES.
 
 Convolutions are `fast_conv.Conv` / `fast_conv.ConvTranspose2x2`, drop-ins for flax's layers
-with the same parameters; `conv_impl` ('auto' | 'xla' | 'fast', see fast_conv.resolve_impl)
-picks how they are computed. 'auto' keeps XLA's convolutions on GPU/TPU and takes the faster
-backward pass on CPU where it was measured faster.
+with the same parameters; `conv_impl` (one of conv_impls.IMPLS: 'auto' | 'portable' | 'xla' |
+'fast' | 'onednn') picks how they are computed. 'auto' keeps XLA's convolutions on GPU/TPU and on
+CPU takes oneDNN's convolutions, or the faster backward passes where they were measured faster.
 """
 
 from __future__ import annotations

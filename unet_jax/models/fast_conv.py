@@ -26,8 +26,9 @@ Public API:
   max_pool_2x(x)                             `nn.max_pool(x, (2,)*n, strides=(2,)*n)` with a
                                              gather-free backward pass
   Conv, ConvTranspose2x2                     flax.linen modules, drop-in for nn.Conv and that
-                                             nn.ConvTranspose, with impl 'auto'|'xla'|'fast'
-  resolve_impl(impl, ...)                    which computation impl='auto' picks for a layer
+                                             nn.ConvTranspose, with impl one of IMPLS
+  resolve_impl(impl, ...)                    which computation an impl picks for a layer
+                                             (conv_impls.py; 'onednn': models/onednn/)
 """
 
 from __future__ import annotations
@@ -43,18 +44,22 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
+from unet_jax.models import conv_impls
+from unet_jax.models import onednn
+
 Dtype = Any
 Padding = str | int | Sequence[int | tuple[int, int]]
 
-IMPLS = ('auto', 'xla', 'fast')
+# The conv_impl names and the per-layer choice live in conv_impls.py; re-exported here.
+IMPLS = conv_impls.IMPLS
+resolve_impl = conv_impls.resolve_impl
+resolve_pool_impl = conv_impls.resolve_pool_impl
+impl_for_platforms = conv_impls.impl_for_platforms
 PADDINGS = ('SAME', 'VALID')
 # Bytes of the stacked tap slices of one band of the kernel-gradient scan: the size of the L2
 # cache of a current x86 core. 1–4 MiB measured alike; 8 MiB and more were slower.
 _BAND_BYTES = 2 << 20
-# Up to this many input channels a stride-1 convolution is computed as a sum of shifted,
-# broadcast products: XLA:CPU's convolution of a 1-channel 256² image to 16 channels took
-# 12× longer (jax 0.10.2); from 8 channels on XLA wins.
-_FEW_CHANNELS = 4
+_FEW_CHANNELS = conv_impls.FEW_CHANNELS  # shifted products forward up to this many channels
 
 
 # --- padding and dimension helpers -----------------------------------------------------------
@@ -332,61 +337,6 @@ def _max_pool_bwd(residuals, dy):
 max_pool_2x.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
-# --- choosing a path -------------------------------------------------------------------------
-
-
-def resolve_impl(impl: str, *, kernel_size: Sequence[int], in_features: int, out_features: int,
-                 spatial_shape: Sequence[int], transposed: bool = False,
-                 backend: str | None = None) -> str:
-  """'xla' or 'fast' for one convolution layer; `impl='auto'` decides by backend and shape.
-
-  On GPU and TPU 'auto' is always 'xla': their convolutions are fast. On CPU it is 'fast' for
-  1×1 kernels and `transposed` 2×2 convolutions (matrix products beat XLA:CPU's convolution
-  there, forward and backward), for at most `_FEW_CHANNELS` input channels (shifted products
-  forward), and for larger kernels where XLA:CPU's kernel gradient was
-  measured slower than the banded one here (jax 0.10.2, 2-core AMD EPYC, batch 4): at least 16
-  input channels and either ≥ 256×256 pixels per image (`spatial_shape`), or ≥ 64×64 pixels
-  with pixels·C_in·C_out ≥ 2^27 (e.g. 128×128 pixels with 64→128 channels). XLA's own kernel
-  gradient wins on smaller images and fewer channels.
-
-  Raises:
-    ValueError: if `impl` is not one of IMPLS.
-  """
-  if impl not in IMPLS:
-    raise ValueError(f'model.conv_impl={impl!r} is not one of {IMPLS}')
-  if impl != 'auto':
-    return impl
-  if (backend or jax.default_backend()) != 'cpu':
-    return 'xla'
-  if transposed or all(k == 1 for k in kernel_size) or in_features <= _FEW_CHANNELS:
-    return 'fast'
-  pixels = math.prod(spatial_shape)
-  large = pixels >= 256 * 256 or (pixels >= 64 * 64
-                                  and pixels * in_features * out_features >= 2**27)
-  return 'fast' if in_features >= 16 and large else 'xla'
-
-
-def impl_for_platforms(impl: str, platforms: Sequence[str]) -> str:
-  """`impl` for a program compiled for `platforms` rather than for the host's backend.
-
-  'auto' resolves per layer by `jax.default_backend()` when the model is traced; a program built
-  here for another platform (an ahead-of-time TPU compile, a multi-platform export) must not take
-  the host's CPU paths, so there 'auto' becomes 'xla' unless every target platform is a CPU.
-  """
-  if impl == 'auto' and any(p != 'cpu' for p in platforms):
-    return 'xla'
-  return impl
-
-
-def resolve_pool_impl(impl: str, *, backend: str | None = None) -> str:
-  """'xla' or 'fast' for 2× max pooling: 'auto' is 'fast' on CPU only (see `max_pool_2x`)."""
-  if impl not in IMPLS:
-    raise ValueError(f'model.conv_impl={impl!r} is not one of {IMPLS}')
-  if impl != 'auto':
-    return impl
-  return 'fast' if (backend or jax.default_backend()) == 'cpu' else 'xla'
-
-
 # --- flax modules ----------------------------------------------------------------------------
 
 
@@ -403,8 +353,8 @@ class Conv(nn.Module):
 
   Parameters 'kernel' (*kernel_size, C_in, features) and 'bias' (features,) have nn.Conv's
   names, shapes, dtypes and initialisers, so checkpoints move between the two. `impl` picks
-  the computation: 'xla' is exactly nn.Conv's, 'fast' the custom VJP above, 'auto' see
-  `resolve_impl`.
+  the computation: 'xla' is exactly nn.Conv's, 'fast' the custom VJP above, 'onednn' oneDNN's
+  convolutions on CPU (models/onednn/), 'auto' and 'portable' see conv_impls.py.
   """
 
   features: int
@@ -429,14 +379,22 @@ class Conv(nn.Module):
     in_features = inputs.shape[-1]
     inputs, kernel, bias = _kernel_and_bias(self, inputs,
                                             kernel_size + (in_features, self.features))
+    strides = (1,) * rank
+    pads = _explicit_padding(self.padding, inputs.shape[1:-1], kernel_size, strides)
     impl = resolve_impl(self.impl, kernel_size=kernel_size, in_features=in_features,
-                        out_features=self.features, spatial_shape=inputs.shape[1:-1])
-    if impl == 'xla':
-      pads = _explicit_padding(self.padding, inputs.shape[1:-1], kernel_size, (1,) * rank)
-      y = _lax_conv(inputs, kernel, pads, (1,) * rank)
-    else:
-      y = conv(inputs, kernel, padding=self.padding)
+                        out_features=self.features, spatial_shape=inputs.shape[1:-1],
+                        dtype=inputs.dtype, padding=pads)
+    y = _CONV_PATHS[impl](inputs, kernel, pads, strides)
     return y if bias is None else y + bias
+
+
+# What Conv computes for each resolved impl: (x, kernel, explicit pads, strides) → y.
+_CONV_PATHS = {
+    'xla': _lax_conv,
+    'fast': lambda x, kernel, pads, strides: conv(x, kernel, padding=pads, strides=strides),
+    'onednn': lambda x, kernel, pads, strides: onednn.conv(x, kernel, padding=pads,
+                                                           strides=strides),
+}
 
 
 class ConvTranspose2x2(nn.Module):
@@ -466,9 +424,15 @@ class ConvTranspose2x2(nn.Module):
                                             kernel_size + (inputs.shape[-1], self.features))
     impl = resolve_impl(self.impl, kernel_size=kernel_size, in_features=inputs.shape[-1],
                         out_features=self.features, spatial_shape=inputs.shape[1:-1],
-                        transposed=True)
-    if impl == 'xla':
-      y = lax.conv_transpose(inputs, kernel, kernel_size, 'VALID',
-                             dimension_numbers=_dimension_numbers(rank))
-      return y if bias is None else y + bias
-    return conv_transpose_2x2(inputs, kernel, bias)
+                        transposed=True, dtype=inputs.dtype)
+    y = _CONV_TRANSPOSE_PATHS[impl](inputs, kernel)
+    return y if bias is None else y + bias
+
+
+# What ConvTranspose2x2 computes for each resolved impl: (x, kernel) → y, without the bias.
+_CONV_TRANSPOSE_PATHS = {
+    'xla': lambda x, kernel: lax.conv_transpose(x, kernel, (2,) * (x.ndim - 2), 'VALID',
+                                                dimension_numbers=_dimension_numbers(x.ndim - 2)),
+    'fast': conv_transpose_2x2,
+    'onednn': lambda x, kernel: onednn.conv_transpose(x, kernel, strides=(2,) * (x.ndim - 2)),
+}

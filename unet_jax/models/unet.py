@@ -41,8 +41,9 @@ class UNet(sizes.SizeContract, nn.Module):
     remat: rematerialisation of every conv block in the backward pass, one of
       blocks.REMAT_POLICIES ('none', 'conv', 'full'; True/False mean 'full'/'none'): less memory
       for more compute, same outputs and parameters.
-    conv_impl: how convolutions are computed, 'auto' | 'xla' | 'fast' (see
-      fast_conv.resolve_impl); same parameters and, to float32 rounding, the same function.
+    conv_impl: how convolutions are computed, one of conv_impls.IMPLS ('auto' | 'portable' |
+      'xla' | 'fast' | 'onednn'; see conv_impls.py); same parameters and, to float32 rounding,
+      the same function.
   """
 
   num_classes: int = 2

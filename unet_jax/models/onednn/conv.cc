@@ -1,0 +1,313 @@
+// oneDNN convolutions and transposed convolutions (oneDNN's "deconvolution") for XLA:CPU as
+// FFI custom calls: the forward pass, and the backward pass (input gradient, then kernel
+// gradient) as one call.
+//
+// Layouts are JAX's channels-last ones, row-major: x (N, *spatial, C_in), kernel
+// (*kernel_size, C_in, C_out), y and dy (N, *spatial_out, C_out), for 1, 2 or 3 spatial dims.
+// float32 only; no dilation, one feature group; any strides and non-negative (low, high) pads.
+// A transposed convolution takes oneDNN's kernel orientation (torch's ConvTranspose one: output
+// offset a of an input pixel takes tap a); the Python side flips lax's kernel to it.
+//
+// Why oneDNN chooses the kernel's layout (format_tag::any) and each call reorders the kernel
+// into it: convolutions on a plain HWIO kernel fell back to a reference path 2–4× slower, and
+// the reorder of a kernel is cheap next to the convolution itself.
+//
+// Why one mutex around every call: XLA may run independent custom calls at once, and two
+// OpenMP teams on the same few cores run slower than one after the other. The OpenMP team has
+// the process's thread count (set once from Python through unet_jax_onednn_set_threads).
+//
+// Primitives are created once per geometry (10–160 ms each) and kept for the process's life.
+
+#include <omp.h>
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "oneapi/dnnl/dnnl.hpp"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+using dims = dnnl::memory::dims;
+using tag = dnnl::memory::format_tag;
+constexpr auto kF32 = dnnl::memory::data_type::f32;
+
+// Channels-last activations and JAX's (*kernel_size, C_in, C_out) kernels, by spatial rank.
+const tag kActivationTags[] = {tag::nwc, tag::nhwc, tag::ndhwc};
+const tag kKernelTags[] = {tag::wio, tag::hwio, tag::dhwio};
+
+struct Geometry {
+  int rank;
+  dims src, weights, dst;  // oneDNN's logical order: (N, C, *spatial), (O, I, *kernel_size)
+  dims strides, pad_lo, pad_hi;
+
+  // The cache key: every number that shapes the primitives.
+  std::vector<int64_t> Key() const {
+    std::vector<int64_t> key = {rank};
+    for (const dims* d : {&src, &weights, &dst, &strides, &pad_lo, &pad_hi}) {
+      key.insert(key.end(), d->begin(), d->end());
+    }
+    return key;
+  }
+  dnnl::memory::desc Activations(const dims& d) const {
+    return dnnl::memory::desc(d, kF32, kActivationTags[rank - 1]);
+  }
+  dnnl::memory::desc PlainKernel() const {
+    return dnnl::memory::desc(weights, kF32, kKernelTags[rank - 1]);
+  }
+  dnnl::memory::desc AnyKernel() const { return dnnl::memory::desc(weights, kF32, tag::any); }
+};
+
+// (N, *spatial, C) from XLA as oneDNN's (N, C, *spatial).
+dims LogicalActivations(ffi::Span<const int64_t> shape) {
+  dims d = {shape[0], shape[shape.size() - 1]};
+  for (size_t i = 1; i + 1 < shape.size(); ++i) d.push_back(shape[i]);
+  return d;
+}
+
+// (*kernel_size, I, O) from XLA as oneDNN's (O, I, *kernel_size).
+dims LogicalKernel(ffi::Span<const int64_t> shape) {
+  const size_t r = shape.size();
+  dims d = {shape[r - 1], shape[r - 2]};
+  for (size_t i = 0; i + 2 < r; ++i) d.push_back(shape[i]);
+  return d;
+}
+
+dims ToDims(ffi::Span<const int64_t> values) { return dims(values.begin(), values.end()); }
+
+// The oneDNN primitive families of a convolution and of a transposed convolution.
+struct Convolution {
+  using Fwd = dnnl::convolution_forward;
+  using BwdData = dnnl::convolution_backward_data;
+  using BwdWeights = dnnl::convolution_backward_weights;
+  static constexpr dnnl::algorithm kAlgorithm = dnnl::algorithm::convolution_direct;
+};
+struct Deconvolution {
+  using Fwd = dnnl::deconvolution_forward;
+  using BwdData = dnnl::deconvolution_backward_data;
+  using BwdWeights = dnnl::deconvolution_backward_weights;
+  static constexpr dnnl::algorithm kAlgorithm = dnnl::algorithm::deconvolution_direct;
+};
+
+// One geometry's primitives. The backward ones are made on the first backward call, so a
+// forward-only program (inference) never pays for them.
+template <typename Kind>
+struct Conv {
+  typename Kind::Fwd::primitive_desc fwd_pd;
+  typename Kind::Fwd fwd;
+  dnnl::reorder to_fwd_kernel;  // plain kernel → fwd_pd's layout
+  dnnl::memory fwd_kernel;
+
+  bool has_backward = false;
+  typename Kind::BwdData bwd_data;
+  dnnl::reorder to_bwd_data_kernel;
+  dnnl::memory bwd_data_kernel;
+  typename Kind::BwdWeights bwd_weights;
+  dnnl::reorder to_plain_kernel_grad;  // bwd_weights' layout → plain kernel gradient
+  dnnl::memory bwd_kernel_grad;
+};
+
+template <typename Kind>
+using Cache = std::map<std::vector<int64_t>, std::unique_ptr<Conv<Kind>>>;
+
+struct State {
+  std::mutex mutex;
+  dnnl::engine engine{dnnl::engine::kind::cpu, 0};
+  dnnl::stream stream{engine};
+  Cache<Convolution> convolutions;
+  Cache<Deconvolution> deconvolutions;
+  int threads = 0;  // 0: OpenMP's default
+};
+
+Cache<Convolution>& CacheOf(State& state, Convolution) { return state.convolutions; }
+Cache<Deconvolution>& CacheOf(State& state, Deconvolution) { return state.deconvolutions; }
+
+State& GetState() {
+  static State* state = new State();  // never destroyed: XLA may call in during exit
+  return *state;
+}
+
+// A plain (user) memory over an XLA buffer; oneDNN does not take ownership.
+dnnl::memory Wrap(const dnnl::memory::desc& desc, const dnnl::engine& engine, const void* data) {
+  return dnnl::memory(desc, engine, const_cast<void*>(data));
+}
+
+// `reorder` from `from` into `to` unless the layouts match; returns what holds the result.
+dnnl::memory Reordered(dnnl::reorder& reorder, dnnl::memory& from, dnnl::memory& to,
+                       dnnl::stream& stream) {
+  if (!reorder) return from;
+  reorder.execute(stream, from, to);
+  return to;
+}
+
+template <typename Kind>
+Conv<Kind>& Forward(State& state, const Geometry& g) {
+  auto& slot = CacheOf(state, Kind())[g.Key()];
+  if (slot) return *slot;
+  auto conv = std::make_unique<Conv<Kind>>();
+  conv->fwd_pd = typename Kind::Fwd::primitive_desc(
+      state.engine, dnnl::prop_kind::forward_training, Kind::kAlgorithm, g.Activations(g.src),
+      g.AnyKernel(), g.Activations(g.dst), g.strides, g.pad_lo, g.pad_hi);
+  conv->fwd = typename Kind::Fwd(conv->fwd_pd);
+  if (conv->fwd_pd.weights_desc() != g.PlainKernel()) {
+    conv->fwd_kernel = dnnl::memory(conv->fwd_pd.weights_desc(), state.engine);
+    conv->to_fwd_kernel = dnnl::reorder(dnnl::reorder::primitive_desc(
+        state.engine, g.PlainKernel(), state.engine, conv->fwd_pd.weights_desc()));
+  }
+  slot = std::move(conv);
+  return *slot;
+}
+
+template <typename Kind>
+Conv<Kind>& Backward(State& state, const Geometry& g) {
+  Conv<Kind>& conv = Forward<Kind>(state, g);
+  if (conv.has_backward) return conv;
+  typename Kind::BwdData::primitive_desc data_pd(
+      state.engine, Kind::kAlgorithm, g.Activations(g.src), g.AnyKernel(), g.Activations(g.dst),
+      g.strides, g.pad_lo, g.pad_hi, conv.fwd_pd);
+  conv.bwd_data = typename Kind::BwdData(data_pd);
+  if (data_pd.weights_desc() != g.PlainKernel()) {
+    conv.bwd_data_kernel = dnnl::memory(data_pd.weights_desc(), state.engine);
+    conv.to_bwd_data_kernel = dnnl::reorder(dnnl::reorder::primitive_desc(
+        state.engine, g.PlainKernel(), state.engine, data_pd.weights_desc()));
+  }
+  typename Kind::BwdWeights::primitive_desc weights_pd(
+      state.engine, Kind::kAlgorithm, g.Activations(g.src), g.AnyKernel(), g.Activations(g.dst),
+      g.strides, g.pad_lo, g.pad_hi, conv.fwd_pd);
+  conv.bwd_weights = typename Kind::BwdWeights(weights_pd);
+  if (weights_pd.diff_weights_desc() != g.PlainKernel()) {
+    conv.bwd_kernel_grad = dnnl::memory(weights_pd.diff_weights_desc(), state.engine);
+    conv.to_plain_kernel_grad = dnnl::reorder(dnnl::reorder::primitive_desc(
+        state.engine, weights_pd.diff_weights_desc(), state.engine, g.PlainKernel()));
+  }
+  conv.has_backward = true;
+  return conv;
+}
+
+ffi::Error CheckAttributes(const Geometry& g) {
+  if (g.rank < 1 || g.rank > 3) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "onednn conv: 1-3 spatial dims only");
+  }
+  for (const dims* d : {&g.strides, &g.pad_lo, &g.pad_hi}) {
+    if (static_cast<int>(d->size()) != g.rank) {
+      return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                        "onednn conv: strides and pads need one entry per spatial dim");
+    }
+  }
+  return ffi::Error::Success();
+}
+
+template <typename Body>
+ffi::Error Guarded(Body body) {
+  State& state = GetState();
+  std::lock_guard<std::mutex> lock(state.mutex);
+  if (state.threads > 0) omp_set_num_threads(state.threads);
+  try {
+    body(state);
+    state.stream.wait();
+  } catch (const dnnl::error& e) {
+    return ffi::Error(ffi::ErrorCode::kInternal, std::string("oneDNN: ") + e.what());
+  }
+  return ffi::Error::Success();
+}
+
+Geometry MakeGeometry(ffi::Span<const int64_t> x, ffi::Span<const int64_t> kernel,
+                      ffi::Span<const int64_t> y, ffi::Span<const int64_t> strides,
+                      ffi::Span<const int64_t> pad_lo, ffi::Span<const int64_t> pad_hi) {
+  return Geometry{static_cast<int>(x.size()) - 2, LogicalActivations(x), LogicalKernel(kernel),
+                  LogicalActivations(y), ToDims(strides), ToDims(pad_lo), ToDims(pad_hi)};
+}
+
+template <typename Kind>
+ffi::Error ForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
+                           ffi::ResultBuffer<ffi::F32> y, ffi::Span<const int64_t> strides,
+                           ffi::Span<const int64_t> pad_lo, ffi::Span<const int64_t> pad_hi) {
+  const Geometry g = MakeGeometry(x.dimensions(), kernel.dimensions(), y->dimensions(), strides,
+                                  pad_lo, pad_hi);
+  if (auto error = CheckAttributes(g); error.failure()) return error;
+  return Guarded([&](State& state) {
+    Conv<Kind>& conv = Forward<Kind>(state, g);
+    auto user_kernel = Wrap(g.PlainKernel(), state.engine, kernel.untyped_data());
+    auto weights = Reordered(conv.to_fwd_kernel, user_kernel, conv.fwd_kernel, state.stream);
+    conv.fwd.execute(state.stream,
+                     {{DNNL_ARG_SRC, Wrap(g.Activations(g.src), state.engine, x.untyped_data())},
+                      {DNNL_ARG_WEIGHTS, weights},
+                      {DNNL_ARG_DST, Wrap(g.Activations(g.dst), state.engine,
+                                          y->untyped_data())}});
+  });
+}
+
+// dx and dkernel of y = conv(x, kernel) given dy, one after the other in the same call.
+template <typename Kind>
+ffi::Error BackwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
+                            ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dx,
+                            ffi::ResultBuffer<ffi::F32> dkernel,
+                            ffi::Span<const int64_t> strides, ffi::Span<const int64_t> pad_lo,
+                            ffi::Span<const int64_t> pad_hi) {
+  const Geometry g = MakeGeometry(x.dimensions(), kernel.dimensions(), dy.dimensions(), strides,
+                                  pad_lo, pad_hi);
+  if (auto error = CheckAttributes(g); error.failure()) return error;
+  return Guarded([&](State& state) {
+    Conv<Kind>& conv = Backward<Kind>(state, g);
+    auto user_kernel = Wrap(g.PlainKernel(), state.engine, kernel.untyped_data());
+    auto dy_mem = Wrap(g.Activations(g.dst), state.engine, dy.untyped_data());
+    auto weights = Reordered(conv.to_bwd_data_kernel, user_kernel, conv.bwd_data_kernel,
+                             state.stream);
+    conv.bwd_data.execute(state.stream,
+                          {{DNNL_ARG_DIFF_DST, dy_mem},
+                           {DNNL_ARG_WEIGHTS, weights},
+                           {DNNL_ARG_DIFF_SRC, Wrap(g.Activations(g.src), state.engine,
+                                                    dx->untyped_data())}});
+    auto plain_grad = Wrap(g.PlainKernel(), state.engine, dkernel->untyped_data());
+    auto grad = conv.to_plain_kernel_grad ? conv.bwd_kernel_grad : plain_grad;
+    conv.bwd_weights.execute(state.stream,
+                             {{DNNL_ARG_SRC, Wrap(g.Activations(g.src), state.engine,
+                                                  x.untyped_data())},
+                              {DNNL_ARG_DIFF_DST, dy_mem},
+                              {DNNL_ARG_DIFF_WEIGHTS, grad}});
+    if (conv.to_plain_kernel_grad) conv.to_plain_kernel_grad.execute(state.stream, grad,
+                                                                     plain_grad);
+  });
+}
+
+}  // namespace
+
+#define UNET_JAX_FORWARD_HANDLER(symbol, kind)                    \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(symbol, ForwardImpl<kind>,          \
+                                ffi::Ffi::Bind()                    \
+                                    .Arg<ffi::Buffer<ffi::F32>>()   \
+                                    .Arg<ffi::Buffer<ffi::F32>>()   \
+                                    .Ret<ffi::Buffer<ffi::F32>>()   \
+                                    .Attr<ffi::Span<const int64_t>>("strides") \
+                                    .Attr<ffi::Span<const int64_t>>("pad_lo")  \
+                                    .Attr<ffi::Span<const int64_t>>("pad_hi"))
+
+#define UNET_JAX_BACKWARD_HANDLER(symbol, kind)                   \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(symbol, BackwardImpl<kind>,         \
+                                ffi::Ffi::Bind()                    \
+                                    .Arg<ffi::Buffer<ffi::F32>>()   \
+                                    .Arg<ffi::Buffer<ffi::F32>>()   \
+                                    .Arg<ffi::Buffer<ffi::F32>>()   \
+                                    .Ret<ffi::Buffer<ffi::F32>>()   \
+                                    .Ret<ffi::Buffer<ffi::F32>>()   \
+                                    .Attr<ffi::Span<const int64_t>>("strides") \
+                                    .Attr<ffi::Span<const int64_t>>("pad_lo")  \
+                                    .Attr<ffi::Span<const int64_t>>("pad_hi"))
+
+UNET_JAX_FORWARD_HANDLER(UnetJaxOnednnConvForward, Convolution);
+UNET_JAX_BACKWARD_HANDLER(UnetJaxOnednnConvBackward, Convolution);
+UNET_JAX_FORWARD_HANDLER(UnetJaxOnednnDeconvForward, Deconvolution);
+UNET_JAX_BACKWARD_HANDLER(UnetJaxOnednnDeconvBackward, Deconvolution);
+
+// The OpenMP team size of every later call; Python passes the process's CPU count.
+extern "C" void unet_jax_onednn_set_threads(int threads) {
+  State& state = GetState();
+  std::lock_guard<std::mutex> lock(state.mutex);
+  state.threads = threads;
+}
