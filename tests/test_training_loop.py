@@ -250,3 +250,32 @@ def test_device_augmentation_runs_inside_the_step_and_changes_the_update():
   config.data.augment_on = 'gpu'
   with pytest.raises(ValueError, match="config.data.augment_on='gpu' is not one of"):
     validation.validate(config)
+
+
+def test_a_run_ended_by_an_error_leaves_no_threads_behind(tmp_path):
+  """A sweep worker goes on after a trial ends on an error (pruning): the run's metric writer
+  and checkpoint manager are closed, their threads gone."""
+  import threading  # pylint: disable=g-import-not-at-top
+  config = quickstart.get_config('smoke')
+  config.update(dict(num_steps=4, eval_every=2, num_overlays=0))
+  loop.train_and_evaluate(config, str(tmp_path / 'warm'))  # process-wide threads start here
+  before = {t.ident for t in threading.enumerate()}
+
+  class Pruned(Exception):
+    pass
+
+  def prune(step, scores):
+    del scores
+    raise Pruned(f'at step {step}')
+
+  with pytest.raises(Pruned, match='at step 2'):
+    loop.train_and_evaluate(config, str(tmp_path / 'pruned'), on_eval=prune)
+  deadline = time.time() + 10
+  while time.time() < deadline:
+    left = [t.name for t in threading.enumerate() if t.ident not in before and t.is_alive()]
+    if not left:
+      break
+    time.sleep(0.1)
+  assert not left, left
+  records = metric_writers.read_jsonl(str(tmp_path / 'pruned' / 'metrics.jsonl'))
+  assert max(r['step'] for r in records) == 2  # what the run wrote before the error is stored

@@ -110,12 +110,21 @@ class _Divergence:
 
 
 @contextlib.contextmanager
-def _finish_saves_on_exit(manager):
-  """Completes checkpoints still being written, also when the loop halts with an error."""
+def _finish_saves_on_exit(manager, writer: metric_writers.MetricWriter):
+  """Completes checkpoints still being written, also when the loop halts with an error; then,
+  on an error (a sweep's pruning included), closes the writer and the manager, whose threads
+  would otherwise outlive the run in a process that goes on (a sweep worker)."""
   try:
     yield
-  finally:
-    checkpointing.wait(manager)
+  except BaseException:
+    try:
+      checkpointing.wait(manager)
+    finally:
+      for close in (writer.close, manager.close):
+        with contextlib.suppress(Exception):  # the error that ended the run is the one to see
+          close()
+    raise
+  checkpointing.wait(manager)
 
 
 class _EarlyStopping:
@@ -210,7 +219,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, *, restart: bool,
   last_time, last_step = time.perf_counter(), start_step
   stopped_early = preempted = False
   # Closing the bar ends its line, so an error message starts on a line of its own.
-  with _StopSignal() as stop, _finish_saves_on_exit(manager), contextlib.closing(bar):
+  with _StopSignal() as stop, _finish_saves_on_exit(manager, writer), contextlib.closing(bar):
     for step in range(start_step + 1, config.num_steps + 1):
       state, step_metrics = step_fn(state, sharding.to_global(next(train_iter), mesh), step_rng)
       pending.append(step_metrics)
