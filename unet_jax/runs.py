@@ -8,11 +8,9 @@ reported before hours of training. Sweeps are Optuna studies (unet_jax/sweeps.py
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import jax
 import ml_collections
@@ -25,6 +23,7 @@ from unet_jax.config.overrides import apply_overrides
 from unet_jax.datasets import sources
 from unet_jax.evaluation import evaluator
 from unet_jax.training import loop
+from unet_jax.training import metric_writers
 from unet_jax.training import train_step
 from unet_jax.training import workdir as workdir_lib
 
@@ -33,19 +32,6 @@ SPLITS = ('val', 'train', 'all')
 # Fields that define the trained model: evaluating with other values cannot use its checkpoint.
 MODEL_FIELDS = ('model.', 'data.class_names', 'data.mean', 'data.std')
 TrainFn = Callable[[ml_collections.ConfigDict, str], dict[str, float]]
-
-
-def write_table(rows: list[dict[str, Any]], path_stem: str, *, columns: Sequence[str]) -> None:
-  """`path_stem`.csv and `path_stem`.md with the given columns in order."""
-  text = io.StringIO(newline='')
-  writer = csv.DictWriter(text, fieldnames=list(columns), extrasaction='ignore')
-  writer.writeheader()
-  writer.writerows(rows)
-  storage.write_atomic(path_stem + '.csv', text.getvalue())
-  fmt = lambda v: f'{v:.4f}' if isinstance(v, float) else str(v)
-  lines = ['| ' + ' | '.join(columns) + ' |', '|' + '---|' * len(columns)]
-  lines += ['| ' + ' | '.join(fmt(row.get(c, '')) for c in columns) + ' |' for row in rows]
-  storage.write_atomic(path_stem + '.md', '\n'.join(lines) + '\n')
 
 
 def _score_columns(config: ml_collections.ConfigDict, rows: list[dict[str, Any]]) -> list[str]:
@@ -89,7 +75,7 @@ def run_kfold(config: ml_collections.ConfigDict, workdir: str, *,
                          json.dumps({'folds': rows, 'summary': summary}, indent=2))
     table = rows + [{'fold': 'mean ± std',
                      **{k: f'{v["mean"]:.4f} ± {v["std"]:.4f}' for k, v in summary.items()}}]
-    write_table(table, storage.join(workdir, 'kfold'), columns=['fold', *keys])
+    metric_writers.write_table(table, storage.join(workdir, 'kfold'), columns=['fold', *keys])
   log.info('%d-fold %s: %.4f ± %.4f', config.data.folds, config.checkpoint.best_metric,
            summary[keys[0]]['mean'], summary[keys[0]]['std'])
   return {'folds': rows, 'summary': summary}

@@ -8,10 +8,12 @@ checkpoint. TensorBoard reads such a logdir directly: `tensorboard --logdir=gs:/
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 import time
-from typing import Mapping
+from typing import Any, Mapping, Sequence
 
 from unet_jax import storage
 
@@ -107,3 +109,17 @@ def latest_per_step(records: list[dict]) -> list[dict]:
     latest.pop((record['step'], kind), None)  # re-inserted: order follows the last write
     latest[(record['step'], kind)] = record
   return sorted(latest.values(), key=lambda r: r['step'])
+
+
+def write_table(rows: Sequence[Mapping[str, Any]], path_stem: str, *, columns: Sequence[str]
+                ) -> None:
+  """`path_stem`.csv and `path_stem`.md with the given columns in order."""
+  text = io.StringIO(newline='')
+  writer = csv.DictWriter(text, fieldnames=list(columns), extrasaction='ignore')
+  writer.writeheader()
+  writer.writerows(rows)
+  storage.write_atomic(path_stem + '.csv', text.getvalue())
+  fmt = lambda v: f'{v:.4f}' if isinstance(v, float) else str(v)
+  lines = ['| ' + ' | '.join(columns) + ' |', '|' + '---|' * len(columns)]
+  lines += ['| ' + ' | '.join(fmt(row.get(c, '')) for c in columns) + ' |' for row in rows]
+  storage.write_atomic(path_stem + '.md', '\n'.join(lines) + '\n')

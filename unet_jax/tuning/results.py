@@ -11,8 +11,6 @@ Everything is written through unet_jax/storage.py, so the workdir may be a gs://
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import math
 from typing import Any, Sequence
@@ -22,6 +20,7 @@ import ml_collections
 import optuna
 
 from unet_jax import storage
+from unet_jax.training import metric_writers
 from unet_jax.training import plots
 
 log = logging.getLogger('unet_jax')
@@ -74,27 +73,14 @@ def _columns(table: Sequence[dict[str, Any]], params: Sequence[str], metric: str
   return ['trial', 'state', 'step', *params, metric, *scores, 'note']
 
 
-def _table_text(table: Sequence[dict[str, Any]], columns: Sequence[str]) -> tuple[str, str]:
-  """(CSV, markdown) of the rows."""
-  buffer = io.StringIO()
-  writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction='ignore')
-  writer.writeheader()
-  writer.writerows(table)
-  fmt = lambda v: f'{v:.4f}' if isinstance(v, float) else str(v)
-  lines = ['| ' + ' | '.join(columns) + ' |', '|' + '---|' * len(columns)]
-  lines += ['| ' + ' | '.join(fmt(row.get(c, '')) for c in columns) + ' |' for row in table]
-  return buffer.getvalue(), '\n'.join(lines) + '\n'
-
-
 def write(study: optuna.Study, config: ml_collections.ConfigDict, workdir: str
           ) -> list[dict[str, Any]]:
   """Writes sweep_results.{csv,md} and sweep.png into `workdir`; returns the ranked rows."""
   table = rows(study, config)
   metric = config.checkpoint.best_metric
   params = list(dict.fromkeys(p for t in study.get_trials(deepcopy=False) for p in t.params))
-  csv_text, markdown = _table_text(table, _columns(table, params, metric))
-  storage.write_atomic(storage.join(workdir, 'sweep_results.csv'), csv_text)
-  storage.write_atomic(storage.join(workdir, 'sweep_results.md'), markdown)
+  metric_writers.write_table(table, storage.join(workdir, 'sweep_results'),
+                             columns=_columns(table, params, metric))
   finished = [dict(r, run=r['trial']) for r in table if r['state'] == TrialState.COMPLETE.name]
   if finished and params:
     try:
