@@ -115,6 +115,9 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   config.eval.isbi_metrics = True  # challenge pixel/Rand/warping errors on the membrane map
   config.eval.membrane_class = 1
   config.eval.hausdorff_classes = ()  # e.g. (1,): Hausdorff and HD95 of the membrane class
+  # Test-time augmentation of every evaluation: 'none' | 'flips' (4 passes) | 'dihedral' (8, as
+  # the paper averaged); the mean probability is scored. Prediction takes --tta.
+  config.eval.tta = 'none'
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = 'adam'

@@ -117,6 +117,7 @@ def test_the_isbi_configs_are_valid_for_training_on_the_real_data(isbi_dir):
     ('data.crop', 'foregrund', 'foreground'),
     ('nonfinite', 'skp', 'skip'),
     ('checkpoint.best_mode', 'maximum', 'max'),
+    ('eval.tta', 'dihedral8', 'dihedral'),
 ])
 def test_unknown_names_are_named_with_the_closest_and_every_valid_choice(path, value, closest):
   error = _error(_with(_smoke(), **{path: value}))

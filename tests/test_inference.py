@@ -1,5 +1,6 @@
 """Whole-image and overlap-tile prediction, test-time augmentation, sharding."""
 
+import collections
 import functools
 
 import jax
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 from scipy import signal
 
+from unet_jax.evaluation import evaluator
 from unet_jax.inference import tiled
 from unet_jax import sharding
 from unet_jax.inference import tiling
@@ -277,3 +279,43 @@ def test_predictor_errors_are_clear():
   wrong = tiling.TileGeometry(lambda s: s - 2, lambda o: o + 2, 1)  # does not describe the model
   with pytest.raises(ValueError, match='geometry'):
     tiled.TiledPredictor(_pixelwise, {}, geometry=wrong, tile_size=8)(np.zeros((9, 9, 1)))
+
+
+_EvalState = collections.namedtuple('_EvalState', 'params ema_params batch_stats')
+
+
+@pytest.mark.parametrize('padding,depth,mode', [('VALID', 1, 'dihedral'), ('SAME', 2, 'flips')])
+def test_evaluation_tta_matches_predicting_each_transformed_image(padding, depth, mode):
+  """config.eval.tta: the eval step's mean over transforms of the padded batch equals, per
+  transform, predicting the flipped/rotated raw image (mirror-padded for its own shape) and
+  mapping the result back; a non-square image makes every rotation move the padding."""
+  model = UNet(depth=depth, padding=padding, width=4, num_classes=3, norm='none')
+  images = np.random.default_rng(7).normal(size=(2, 21, 30, 1)).astype(np.float32)
+  spatial = images.shape[1:-1]
+  in_shape = (1, model.valid_input_size(32), model.valid_input_size(32), 1)
+  variables = _random_variables(model, in_shape)
+  state = _EvalState(params=variables['params'], ema_params=None, batch_stats={})
+  pads = whole_image.model_padding(model, spatial)
+  padded = whole_image.mirror_pad(images, [(0, 0), *pads, (0, 0)])
+  fn = jax.jit(functools.partial(evaluator.predict_probabilities, model=model,
+                                 spatial_shape=spatial, tta=mode))
+  got = np.asarray(fn(state, jnp.asarray(padded)))
+
+  def one_pass(x):
+    p = whole_image.model_padding(model, x.shape[1:-1])
+    out = model.apply(variables, jnp.asarray(np.pad(x, [(0, 0), *p, (0, 0)], mode='reflect')),
+                      train=False)
+    return np.asarray(jax.nn.softmax(out[:, :x.shape[1], :x.shape[2]], -1))
+
+  steps = {'flips': [(f, 0) for f in ((), (1,), (2,), (1, 2))],
+           'dihedral': [(f, k) for f in ((), (2,)) for k in range(4)]}[mode]
+  passes = []
+  for flip, k in steps:
+    x = np.rot90(np.flip(images, flip) if flip else images, k, axes=(1, 2))
+    passes.append(np.flip(np.rot90(one_pass(np.ascontiguousarray(x)), -k, axes=(1, 2)), flip)
+                  if flip else np.rot90(one_pass(np.ascontiguousarray(x)), -k, axes=(1, 2)))
+  np.testing.assert_allclose(got, np.mean(passes, 0), atol=2e-5)
+  plain = np.asarray(jax.jit(functools.partial(evaluator.predict_probabilities, model=model,
+                                               spatial_shape=spatial))(state, jnp.asarray(padded)))
+  np.testing.assert_allclose(plain, passes[0], atol=2e-5)
+  assert np.abs(got - plain).max() > 1e-3  # the augmentation changed the prediction

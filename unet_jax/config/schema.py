@@ -19,6 +19,7 @@ from unet_jax.augment import transforms
 from unet_jax.datasets import loaders
 from unet_jax.datasets import pipeline
 from unet_jax.datasets import sources
+from unet_jax.inference import tiled
 from unet_jax.models import DTYPES, MODELS, blocks
 from unet_jax.training import loop
 from unet_jax.training import optimizers
@@ -94,6 +95,7 @@ FIELD_TYPES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     'loss.terms': _MAPPING, 'loss.options': _MAPPING,
     'loss.deep_supervision_weights': _OPTIONAL_NUMBERS,
     'eval.isbi_metrics': _BOOL, 'eval.membrane_class': _INT, 'eval.hausdorff_classes': _INTS,
+    'eval.tta': _STR,
     'optimizer.name': _STR, 'optimizer.learning_rate': _NUMBER, 'optimizer.schedule': _STR,
     'optimizer.warmup_steps': _INT, 'optimizer.final_lr_fraction': _NUMBER,
     'optimizer.power': _NUMBER, 'optimizer.step_boundaries': _NUMBERS,
@@ -120,6 +122,7 @@ CHOICES: dict[str, Callable[[], Sequence[str]]] = {
     'data.crop': lambda: transforms.CROPS,
     'data.mask_mode': lambda: loaders.MASK_MODES,
     'data.label_mode': lambda: loaders.LABEL_MODES,
+    'eval.tta': lambda: tiled.TTA_MODES,
     'model.name': lambda: sorted(MODELS),
     'model.padding': lambda: blocks.PADDINGS,
     'model.upsample': lambda: blocks.UPSAMPLINGS,

@@ -23,6 +23,7 @@ from unet_jax.datasets import pipeline
 from unet_jax.datasets.dataset import IGNORE_LABEL, Dataset
 from unet_jax.evaluation import metrics as metrics_lib
 from unet_jax import sharding
+from unet_jax.inference import tiled
 from unet_jax.models import whole_image
 
 
@@ -33,27 +34,55 @@ def eval_variables(state: Any) -> dict[str, Any]:
 
 
 def predict_probabilities(state: Any, images: jax.Array, *, model: Any,
-                          spatial_shape: tuple[int, ...]) -> jax.Array:
-  """Softmax probabilities of mirror-padded images, cropped back to `spatial_shape`."""
-  outputs = model.apply(eval_variables(state), images, train=False)
-  return whole_image.head_probabilities(whole_image.crop_to(whole_image.final_logits(outputs),
-                                                            spatial_shape))
+                          spatial_shape: tuple[int, ...], tta: str = 'none') -> jax.Array:
+  """Softmax probabilities `(N, *spatial_shape, C)` of images mirror-padded for `model`
+  (`pipeline.eval_batches`), cropped back to the image.
+
+  `tta` (one of tiled.TTA_MODES) averages over flipped and rotated copies of each image, as
+  tiled prediction does: each copy is mirror-padded for its own shape (pooling makes a net
+  depend on where the image sits in its input, so the padded batch itself is not transformed)
+  and its prediction mapped back before the mean.
+  """
+  variables = eval_variables(state)
+  rank = len(spatial_shape)
+  pads = whole_image.model_padding(model, spatial_shape)
+  images_only = images[(slice(None),) + tuple(slice(b, b + int(s))
+                                              for (b, _), s in zip(pads, spatial_shape))]
+  transforms = tiled.tta_transforms(tta, rank)
+  total = None
+  for transform in transforms:
+    if transform == tiled.Transform((), 0):
+      padded, shape = images, spatial_shape
+    else:
+      moved = transform.forward(images_only, rank, batched=True)
+      shape = moved.shape[1:-1]
+      padded = jnp.pad(moved, [(0, 0), *whole_image.model_padding(model, shape), (0, 0)],
+                       mode='reflect')
+    outputs = model.apply(variables, padded, train=False)
+    probs = whole_image.head_probabilities(whole_image.crop_to(whole_image.final_logits(outputs),
+                                                               shape))
+    probs = transform.inverse(probs, rank, batched=True)
+    total = probs if total is None else total + probs
+  return total / len(transforms) if len(transforms) > 1 else total
 
 
-def eval_step(state: Any, batch: dict[str, jax.Array], *, model: Any, num_classes: int
-              ) -> tuple[jax.Array, jax.Array]:
+def eval_step(state: Any, batch: dict[str, jax.Array], *, model: Any, num_classes: int,
+              tta: str = 'none') -> tuple[jax.Array, jax.Array]:
   """(confusion matrix (C, C), probabilities) of one global batch; padding examples count nowhere.
 
   The probabilities feed host-side metrics that need more than a confusion matrix.
   """
   labels = batch['label']
-  probs = predict_probabilities(state, batch['image'], model=model, spatial_shape=labels.shape[1:])
+  probs = predict_probabilities(state, batch['image'], model=model, spatial_shape=labels.shape[1:],
+                                tta=tta)
   confusion = metrics_lib.confusion_matrix(jnp.argmax(probs, -1), labels, num_classes=num_classes)
   return confusion, probs
 
 
-def make_eval_fn(model: Any, mesh: jax.sharding.Mesh, num_classes: int) -> Callable:
-  return jax.jit(functools.partial(eval_step, model=model, num_classes=num_classes),
+def make_eval_fn(model: Any, mesh: jax.sharding.Mesh, num_classes: int, *, tta: str = 'none'
+                 ) -> Callable:
+  """The jitted eval step; `tta` is config.eval.tta."""
+  return jax.jit(functools.partial(eval_step, model=model, num_classes=num_classes, tta=tta),
                  out_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)))
 
 

@@ -23,6 +23,7 @@ import functools
 from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from unet_jax import sharding
@@ -45,13 +46,21 @@ class Transform:
   flip: tuple[int, ...]
   k: int
 
-  def forward(self, x: np.ndarray, rank: int) -> np.ndarray:
-    x = np.flip(x, self.flip) if self.flip else x
-    return np.rot90(x, self.k, axes=(rank - 2, rank - 1)) if self.k else x
+  def forward(self, x: Any, rank: int, *, batched: bool = False) -> Any:
+    """`x` transformed; `batched`: `x` is `(N, *spatial, C)`. numpy in, numpy out; jax in
+    (traced too), jax out."""
+    xp, lead = _array_module(x), int(batched)
+    x = xp.flip(x, tuple(a + lead for a in self.flip)) if self.flip else x
+    return xp.rot90(x, self.k, axes=(rank - 2 + lead, rank - 1 + lead)) if self.k else x
 
-  def inverse(self, y: np.ndarray, rank: int) -> np.ndarray:
-    y = np.rot90(y, -self.k, axes=(rank - 2, rank - 1)) if self.k else y
-    return np.flip(y, self.flip) if self.flip else y
+  def inverse(self, y: Any, rank: int, *, batched: bool = False) -> Any:
+    xp, lead = _array_module(y), int(batched)
+    y = xp.rot90(y, -self.k, axes=(rank - 2 + lead, rank - 1 + lead)) if self.k else y
+    return xp.flip(y, tuple(a + lead for a in self.flip)) if self.flip else y
+
+
+def _array_module(x: Any) -> Any:
+  return jnp if isinstance(x, jax.Array) else np
 
 
 def tta_transforms(mode: str, rank: int) -> list[Transform]:
