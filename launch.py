@@ -63,8 +63,9 @@ flags.DEFINE_integer('num_processes', None, 'Number of processes (with --coordin
 flags.DEFINE_integer('process_id', None, 'This process, 0..num_processes-1.')
 flags.DEFINE_string('input', None, 'predict mode: a PNG/TIFF file or a folder of them.')
 flags.DEFINE_string('output', None, 'predict mode: output folder; export mode: output file.')
-flags.DEFINE_enum('tta', 'none', ('none', 'flips', 'dihedral'),
-                  'predict mode: test-time augmentation (dihedral = the 8 flips/rotations).')
+flags.DEFINE_enum('tta', None, ('none', 'flips', 'dihedral'),
+                  'predict mode: test-time augmentation (dihedral = the 8 flips/rotations); '
+                  'default: config.eval.tta, what the run was evaluated with.')
 flags.DEFINE_string('tile_size', None, 'predict/export: tile input size (default: crop_size).')
 flags.DEFINE_float('overlap', 0.25, 'predict mode: tile overlap fraction for SAME-padding nets.')
 flags.DEFINE_integer('min_size', 0, 'predict mode: remove components smaller than this.')
@@ -201,7 +202,7 @@ def _run(config, workdir: str) -> None:
     if not FLAGS.input:
       raise _FlagError('--mode=predict needs --input (a PNG/TIFF file or a folder of them)')
     validation.validate(config, mode='predict')
-    predict.run(config, workdir, FLAGS.input, FLAGS.output, tta=FLAGS.tta,
+    predict.run(config, workdir, FLAGS.input, FLAGS.output, tta=FLAGS.tta or config.eval.tta,
                 checkpoint=FLAGS.checkpoint, tile_size=tile, overlap=FLAGS.overlap,
                 min_size=FLAGS.min_size, hole_size=FLAGS.hole_size, crf=FLAGS.crf,
                 max_pixels=FLAGS.max_pixels)

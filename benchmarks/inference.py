@@ -26,6 +26,7 @@ import numpy as np
 
 from unet_jax.inference import tiled
 from unet_jax.models import UNet
+from unet_jax.models import whole_image
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +97,7 @@ def main() -> None:
     plan = predictor.plan(image.shape[:-1])
     per_batch = probe(predictor, setup.tile, args.probe)
     for tta in args.tta.split(','):
-      transforms = len(tiled.tta_transforms(tta, 2))
+      transforms = len(whole_image.tta_transforms(tta, 2))
       batches = -(-len(plan) // predictor.batch_size) * transforms
       estimate = per_batch * batches
       if estimate <= args.budget:

@@ -39,6 +39,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   config.model.depth = 3
   config.checkpoint.best_metric = 'dice_membrane'
   config.eval.isbi_metrics = False  # the challenge metrics are defined on 2D sections
+  config.eval.tta = 'none'  # 8 passes over whole volumes at every evaluation cost too much here
   config.mesh.data = 1  # one volume per eval batch cannot be split over several devices
   if arg == 'smoke':
     config.num_steps = 2

@@ -242,14 +242,14 @@ def test_tta_with_an_equivariant_model_is_exact():
 def test_transforms_invert_and_are_distinct():
   x = np.random.default_rng(6).normal(size=(3, 4, 2))
   for mode, count in [('none', 1), ('flips', 4), ('dihedral', 8)]:
-    transforms = tiled.tta_transforms(mode, rank=2)
+    transforms = whole_image.tta_transforms(mode, rank=2)
     assert len(transforms) == count
     outputs = {t.forward(x, 2).tobytes() + bytes(t.forward(x, 2).shape) for t in transforms}
     assert len(outputs) == count
     for t in transforms:
       np.testing.assert_array_equal(t.inverse(t.forward(x, 2), 2), x)
   with pytest.raises(ValueError, match='dihedral'):
-    tiled.tta_transforms('rot90', rank=2)
+    whole_image.tta_transforms('rot90', rank=2)
 
 
 def test_one_and_eight_devices_agree():

@@ -103,7 +103,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *, spli
   step = checkpointing.choose_step(manager, checkpoint)
   state, _ = checkpointing.restore(manager, step, setup.abstract_state)
   eval_fn = evaluator.make_eval_fn(setup.model, setup.mesh, len(config.data.class_names),
-                                  tta=config.eval.tta)
+                                   tta=config.eval.tta)
   scores = evaluator.evaluate(eval_fn, state, subset, config, setup.model, setup.mesh,
                                extra_metrics=evaluator.extra_metrics(config))
   if jax.process_index() == 0:

@@ -110,7 +110,7 @@ def _eval(config: ml_collections.ConfigDict, setup: train_step.Setup, shapes: Sh
   spec = pipeline.eval_batch_spec(shapes.image, batch_size=config.eval_batch_size, pads=pads,
                                   channels=shapes.channels)
   fn = evaluator.make_eval_fn(setup.model, mesh, len(config.data.class_names),
-                                  tta=config.eval.tta)
+                              tta=config.eval.tta)
   forward = model_flops.forward_flops(setup.model, _variables(setup), spec['image'][0])
   return _Program(fn, (setup.abstract_state, _abstract(spec, sharding.batch_sharding(mesh))),
                   config.eval_batch_size, forward)

@@ -19,8 +19,7 @@ from unet_jax.augment import transforms
 from unet_jax.datasets import loaders
 from unet_jax.datasets import pipeline
 from unet_jax.datasets import sources
-from unet_jax.inference import tiled
-from unet_jax.models import DTYPES, MODELS, blocks
+from unet_jax.models import DTYPES, MODELS, blocks, whole_image
 from unet_jax.training import loop
 from unet_jax.training import optimizers
 from unet_jax.tuning import engines
@@ -122,7 +121,7 @@ CHOICES: dict[str, Callable[[], Sequence[str]]] = {
     'data.crop': lambda: transforms.CROPS,
     'data.mask_mode': lambda: loaders.MASK_MODES,
     'data.label_mode': lambda: loaders.LABEL_MODES,
-    'eval.tta': lambda: tiled.TTA_MODES,
+    'eval.tta': lambda: whole_image.TTA_MODES,
     'model.name': lambda: sorted(MODELS),
     'model.padding': lambda: blocks.PADDINGS,
     'model.upsample': lambda: blocks.UPSAMPLINGS,

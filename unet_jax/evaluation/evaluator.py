@@ -23,7 +23,6 @@ from unet_jax.datasets import pipeline
 from unet_jax.datasets.dataset import IGNORE_LABEL, Dataset
 from unet_jax.evaluation import metrics as metrics_lib
 from unet_jax import sharding
-from unet_jax.inference import tiled
 from unet_jax.models import whole_image
 
 
@@ -38,7 +37,7 @@ def predict_probabilities(state: Any, images: jax.Array, *, model: Any,
   """Softmax probabilities `(N, *spatial_shape, C)` of images mirror-padded for `model`
   (`pipeline.eval_batches`), cropped back to the image.
 
-  `tta` (one of tiled.TTA_MODES) averages over flipped and rotated copies of each image, as
+  `tta` (one of whole_image.TTA_MODES) averages over flipped and rotated copies of each image, as
   tiled prediction does: each copy is mirror-padded for its own shape (pooling makes a net
   depend on where the image sits in its input, so the padded batch itself is not transformed)
   and its prediction mapped back before the mean.
@@ -48,10 +47,10 @@ def predict_probabilities(state: Any, images: jax.Array, *, model: Any,
   pads = whole_image.model_padding(model, spatial_shape)
   images_only = images[(slice(None),) + tuple(slice(b, b + int(s))
                                               for (b, _), s in zip(pads, spatial_shape))]
-  transforms = tiled.tta_transforms(tta, rank)
+  transforms = whole_image.tta_transforms(tta, rank)
   total = None
   for transform in transforms:
-    if transform == tiled.Transform((), 0):
+    if transform == whole_image.Transform((), 0):
       padded, shape = images, spatial_shape
     else:
       moved = transform.forward(images_only, rank, batched=True)

@@ -49,6 +49,7 @@ from unet_jax.inference import crf as crf_lib
 from unet_jax.inference import postprocess
 from unet_jax.inference import tiled
 from unet_jax.inference import tiling
+from unet_jax.models import whole_image
 
 log = logging.getLogger('unet_jax')
 
@@ -197,7 +198,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, input_path: str, output
     workdir: the training workdir (holds checkpoints/).
     input_path: a PNG/TIFF file or a folder of them.
     output_dir: created if missing.
-    tta: test-time augmentation, one of tiled.TTA_MODES.
+    tta: test-time augmentation, one of whole_image.TTA_MODES.
     checkpoint: 'best' (by config.checkpoint.best_metric), 'latest' or a step number.
     tile_size: tile input size, one int or one per spatial dim (default config.data.crop_size).
     batch_size: tiles per device batch (default config.eval_batch_size).
@@ -213,8 +214,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, input_path: str, output
   Returns:
     A Summary; ValueError if every input failed.
   """
-  if tta not in tiled.TTA_MODES:
-    raise ValueError(f'tta={tta!r} is not one of {tiled.TTA_MODES}')
+  if tta not in whole_image.TTA_MODES:
+    raise ValueError(f'tta={tta!r} is not one of {whole_image.TTA_MODES}')
   paths = list_inputs(input_path)
   if jax.process_index() == 0:  # before the checkpoint is read and anything compiles
     storage.check_writable(output_dir, flag='--output')

@@ -18,63 +18,18 @@ averages them.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any, Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from unet_jax import sharding
 from unet_jax.inference import tiling
 from unet_jax.models import whole_image
 
-TTA_MODES = ('none', 'flips', 'dihedral')
 # (variables, images (N, *spatial, C_in)) → logits (N, *out, C)
 ApplyFn = Callable[[Any, jax.Array], jax.Array]
-
-
-@dataclasses.dataclass(frozen=True)
-class Transform:
-  """A test-time transform of the last two spatial axes: flip `flip` axes, then rotate k×90°.
-
-  Works on `(*spatial, C)` arrays of `rank` spatial dims; a 3D volume is flipped and rotated in
-  its (H, W) plane.
-  """
-
-  flip: tuple[int, ...]
-  k: int
-
-  def forward(self, x: Any, rank: int, *, batched: bool = False) -> Any:
-    """`x` transformed; `batched`: `x` is `(N, *spatial, C)`. numpy in, numpy out; jax in
-    (traced too), jax out."""
-    xp, lead = _array_module(x), int(batched)
-    x = xp.flip(x, tuple(a + lead for a in self.flip)) if self.flip else x
-    return xp.rot90(x, self.k, axes=(rank - 2 + lead, rank - 1 + lead)) if self.k else x
-
-  def inverse(self, y: Any, rank: int, *, batched: bool = False) -> Any:
-    xp, lead = _array_module(y), int(batched)
-    y = xp.rot90(y, -self.k, axes=(rank - 2 + lead, rank - 1 + lead)) if self.k else y
-    return xp.flip(y, tuple(a + lead for a in self.flip)) if self.flip else y
-
-
-def _array_module(x: Any) -> Any:
-  return jnp if isinstance(x, jax.Array) else np
-
-
-def tta_transforms(mode: str, rank: int) -> list[Transform]:
-  """'none': identity; 'flips': no/vertical/horizontal/both; 'dihedral': 4 rotations × 2 flips."""
-  if mode not in TTA_MODES:
-    raise ValueError(f'tta={mode!r} is not one of {TTA_MODES}')
-  if mode == 'none':
-    return [Transform((), 0)]
-  if rank < 2:
-    raise ValueError(f'tta={mode!r} needs at least 2 spatial dims, got {rank}')
-  rows, cols = rank - 2, rank - 1
-  if mode == 'flips':
-    return [Transform(f, 0) for f in ((), (rows,), (cols,), (rows, cols))]
-  return [Transform(f, k) for f in ((), (cols,)) for k in range(4)]
 
 
 def model_apply_fn(model: Any) -> ApplyFn:
@@ -192,7 +147,7 @@ class TiledPredictor:
       raise ValueError(f'image of shape {image.shape} is not (*spatial, C)')
     rank = image.ndim - 1
     total = None
-    transforms = tta_transforms(tta, rank)
+    transforms = whole_image.tta_transforms(tta, rank)
     for transform in transforms:
       probs = transform.inverse(self._predict_once(transform.forward(image, rank)), rank)
       total = probs if total is None else total + probs
@@ -248,5 +203,4 @@ class TiledPredictor:
         accumulator['weight'][tile.destination] += w
 
 
-__all__: list[Any] = ['TTA_MODES', 'TiledPredictor', 'Transform', 'model_apply_fn', 'tile_batch_size',
-                      'tile_function', 'tta_transforms']
+__all__: list[Any] = ['TiledPredictor', 'model_apply_fn', 'tile_batch_size', 'tile_function']

@@ -12,6 +12,7 @@ evaluation and prediction all need:
   crop_to(logits, shape)           the part of the output that lies over the unpadded image
   final_logits(outputs)            the prediction of a model with several heads: the last
   head_probabilities(outputs)      its softmax, in float32
+  tta_transforms(mode, rank)       the flips/rotations of test-time augmentation (TTA_MODES)
 
 Alignment: after `model_padding`, output pixel i lies over image pixel i, so the output is cut
 back with `crop_to` (`[:size]` along every spatial dim). For a SAME net the padding only rounds
@@ -20,6 +21,7 @@ the size up to one the net takes (a multiple of `size_multiple()`).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Sequence
 
 import jax
@@ -82,3 +84,49 @@ def final_logits(outputs: Any) -> jax.Array:
 def head_probabilities(outputs: Any) -> jax.Array:
   """Softmax over classes of the final head, in float32 whatever the compute dtype."""
   return jax.nn.softmax(final_logits(outputs).astype(jnp.float32), axis=-1)
+
+
+# Test-time augmentation: evaluation and tiled prediction average over the same transforms.
+TTA_MODES = ('none', 'flips', 'dihedral')
+
+
+@dataclasses.dataclass(frozen=True)
+class Transform:
+  """A test-time transform of the last two spatial axes: flip `flip` axes, then rotate k×90°.
+
+  Works on `(*spatial, C)` arrays of `rank` spatial dims; a 3D volume is flipped and rotated in
+  its (H, W) plane.
+  """
+
+  flip: tuple[int, ...]
+  k: int
+
+  def forward(self, x: Any, rank: int, *, batched: bool = False) -> Any:
+    """`x` transformed; `batched`: `x` is `(N, *spatial, C)`. numpy in, numpy out; jax in
+    (traced too), jax out."""
+    xp, lead = _array_module(x), int(batched)
+    x = xp.flip(x, tuple(a + lead for a in self.flip)) if self.flip else x
+    return xp.rot90(x, self.k, axes=(rank - 2 + lead, rank - 1 + lead)) if self.k else x
+
+  def inverse(self, y: Any, rank: int, *, batched: bool = False) -> Any:
+    xp, lead = _array_module(y), int(batched)
+    y = xp.rot90(y, -self.k, axes=(rank - 2 + lead, rank - 1 + lead)) if self.k else y
+    return xp.flip(y, tuple(a + lead for a in self.flip)) if self.flip else y
+
+
+def _array_module(x: Any) -> Any:
+  return jnp if isinstance(x, jax.Array) else np
+
+
+def tta_transforms(mode: str, rank: int) -> list[Transform]:
+  """'none': identity; 'flips': no/vertical/horizontal/both; 'dihedral': 4 rotations × 2 flips."""
+  if mode not in TTA_MODES:
+    raise ValueError(f'tta={mode!r} is not one of {TTA_MODES}')
+  if mode == 'none':
+    return [Transform((), 0)]
+  if rank < 2:
+    raise ValueError(f'tta={mode!r} needs at least 2 spatial dims, got {rank}')
+  rows, cols = rank - 2, rank - 1
+  if mode == 'flips':
+    return [Transform(f, 0) for f in ((), (rows,), (cols,), (rows, cols))]
+  return [Transform(f, k) for f in ((), (cols,)) for k in range(4)]

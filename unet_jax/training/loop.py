@@ -202,7 +202,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, *, restart: bool,
 
   step_fn = train_step.make_step_fn(config, setup)
   eval_fn = evaluator.make_eval_fn(setup.model, mesh, len(config.data.class_names),
-                                  tta=config.eval.tta)
+                                   tta=config.eval.tta)
   extras = evaluator.extra_metrics(config)
   step_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
 
