@@ -37,6 +37,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from unet_jax import sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
+from unet_jax import storage
 from unet_jax.config import overrides
 from unet_jax.datasets import pipeline
 from unet_jax.datasets import sources
@@ -165,12 +166,12 @@ def run_row(row: str, seeds: list[int], args: argparse.Namespace, results: dict)
       seconds = _launch(['--mode=eval', f'--workdir={workdir}', '--checkpoint=latest', *common,
                          f'--config.seed={seed}', f'--config.num_steps={steps}',
                          f'--config.eval_every={steps}'], log_path)
-      scores = json.load(open(os.path.join(workdir, f'eval_val_step{steps}.json')))
+      scores = json.loads(storage.read_text(os.path.join(workdir, f'eval_val_step{steps}.json')))
       seconds += results[f'{source}/{seed}']['seconds']  # its training, then this evaluation
     else:
       seconds = _launch([f'--workdir={workdir}', *common, f'--config.seed={seed}',
                          f'--config.num_steps={steps}', f'--config.eval_every={steps}'], log_path)
-      scores = json.load(open(os.path.join(workdir, 'final_metrics.json')))
+      scores = json.loads(storage.read_text(os.path.join(workdir, 'final_metrics.json')))
     results[key] = {'steps': steps, 'seconds': seconds, **{m: scores[m] for m in METRICS}}
     print(f'{key}: {steps} steps, {seconds / 60:.1f} min, ' +
           ', '.join(f'{m}={scores[m]:.4f}' for m in METRICS), flush=True)
@@ -178,10 +179,8 @@ def run_row(row: str, seeds: list[int], args: argparse.Namespace, results: dict)
 
 
 def _save(results: dict, workdir: str) -> None:
-  path = os.path.join(workdir, 'results.json')
-  with open(path + '.tmp', 'w', encoding='utf-8') as f:
-    json.dump(results, f, indent=2, sort_keys=True)
-  os.replace(path + '.tmp', path)
+  storage.write_atomic(os.path.join(workdir, 'results.json'),
+                       json.dumps(results, indent=2, sort_keys=True))
 
 
 def table(results: dict, rows: list[str], seeds: list[int]) -> list[dict[str, str]]:
@@ -222,7 +221,7 @@ def main() -> None:
   args.isbi_dir = os.path.abspath(args.isbi_dir)
   os.makedirs(args.workdir, exist_ok=True)
   path = os.path.join(args.workdir, 'results.json')
-  results = json.load(open(path)) if os.path.exists(path) else {}
+  results = json.loads(storage.read_text(path)) if os.path.exists(path) else {}
   for row in rows:
     run_row(row, seeds, args, results)
   lines = table(results, rows, seeds)
@@ -230,7 +229,7 @@ def main() -> None:
   metric_writers.write_table(lines, os.path.join(args.workdir, 'ablation'), columns=columns)
   print(f'\nISBI 2012, held-out slices 25–29, {args.budget_minutes:g} min per run on '
         f'{os.cpu_count()} cores:\n')
-  print(open(os.path.join(args.workdir, 'ablation.md'), encoding='utf-8').read())
+  print(storage.read_text(os.path.join(args.workdir, 'ablation.md')))
 
 
 if __name__ == '__main__':

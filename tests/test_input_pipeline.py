@@ -19,7 +19,7 @@ from unet_jax.augment import geometric as G
 def _data_config(**overrides):
   config = isbi.get_config('cpu').data
   with config.unlocked():
-    config.update({'augment': 'flip|rot90', **overrides})
+    config.update(overrides)
   return config
 
 

@@ -43,26 +43,24 @@ def predict_probabilities(state: Any, images: jax.Array, *, model: Any,
   and its prediction mapped back before the mean.
   """
   variables = eval_variables(state)
-  rank = len(spatial_shape)
-  pads = whole_image.model_padding(model, spatial_shape)
-  images_only = images[(slice(None),) + tuple(slice(b, b + int(s))
-                                              for (b, _), s in zip(pads, spatial_shape))]
-  transforms = whole_image.tta_transforms(tta, rank)
-  total = None
-  for transform in transforms:
-    if transform == whole_image.Transform((), 0):
-      padded, shape = images, spatial_shape
-    else:
-      moved = transform.forward(images_only, rank, batched=True)
-      shape = moved.shape[1:-1]
-      padded = jnp.pad(moved, [(0, 0), *whole_image.model_padding(model, shape), (0, 0)],
-                       mode='reflect')
+
+  def probabilities(padded: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     outputs = model.apply(variables, padded, train=False)
-    probs = whole_image.head_probabilities(whole_image.crop_to(whole_image.final_logits(outputs),
-                                                               shape))
-    probs = transform.inverse(probs, rank, batched=True)
-    total = probs if total is None else total + probs
-  return total / len(transforms) if len(transforms) > 1 else total
+    return whole_image.head_probabilities(whole_image.crop_to(whole_image.final_logits(outputs),
+                                                              shape))
+
+  if tta == 'none':  # the batch is already padded for the model
+    return probabilities(images, spatial_shape)
+  pads = whole_image.model_padding(model, spatial_shape)
+  unpadded = images[(slice(None),) + tuple(slice(b, b + int(s))
+                                           for (b, _), s in zip(pads, spatial_shape))]
+
+  def predict(x: jax.Array) -> jax.Array:
+    shape = x.shape[1:-1]
+    widths = [(0, 0), *whole_image.model_padding(model, shape), (0, 0)]
+    return probabilities(whole_image.mirror_pad(x, widths), shape)
+
+  return whole_image.tta_mean(predict, unpadded, mode=tta, rank=len(spatial_shape), batched=True)
 
 
 def eval_step(state: Any, batch: dict[str, jax.Array], *, model: Any, num_classes: int,

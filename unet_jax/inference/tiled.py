@@ -145,15 +145,8 @@ class TiledPredictor:
     image = np.asarray(image, np.float32)
     if image.ndim < 2:
       raise ValueError(f'image of shape {image.shape} is not (*spatial, C)')
-    rank = image.ndim - 1
-    total = None
-    transforms = whole_image.tta_transforms(tta, rank)
-    for transform in transforms:
-      probs = transform.inverse(self._predict_once(transform.forward(image, rank)), rank)
-      total = probs if total is None else total + probs
-    if len(transforms) > 1:
-      total /= len(transforms)
-    return np.ascontiguousarray(total)
+    return np.ascontiguousarray(whole_image.tta_mean(self._predict_once, image, mode=tta,
+                                                     rank=image.ndim - 1))
 
   def _predict_once(self, image: np.ndarray) -> np.ndarray:
     spatial = image.shape[:-1]

@@ -13,6 +13,7 @@ evaluation and prediction all need:
   final_logits(outputs)            the prediction of a model with several heads: the last
   head_probabilities(outputs)      its softmax, in float32
   tta_transforms(mode, rank)       the flips/rotations of test-time augmentation (TTA_MODES)
+  tta_mean(predict, x, ...)        the mean prediction over them, each mapped back
 
 Alignment: after `model_padding`, output pixel i lies over image pixel i, so the output is cut
 back with `crop_to` (`[:size]` along every spatial dim). For a SAME net the padding only rounds
@@ -57,17 +58,18 @@ def model_padding(model: Any, spatial_shape: Sequence[int]) -> list[tuple[int, i
   return pads
 
 
-def mirror_pad(x: np.ndarray, widths: Sequence[tuple[int, int]]) -> np.ndarray:
+def mirror_pad(x: Any, widths: Sequence[tuple[int, int]]) -> Any:
   """`x` mirrored at its borders without repeating the edge pixel (numpy 'reflect').
 
   The paper's overlap-tile extrapolation. numpy keeps reflecting when a border is wider than
   the axis, so images smaller than the network's border get the same rule as large ones, and
-  training crops, evaluation and tiled prediction all see the same pixels.
+  training crops, evaluation and tiled prediction all see the same pixels. A jax array (traced
+  too) is padded by jax's 'reflect', the same rule.
   """
   widths = [tuple(int(w) for w in pair) for pair in widths]
   if not any(b or a for b, a in widths):
     return x
-  return np.pad(x, widths, mode='reflect')
+  return _array_module(x).pad(x, widths, mode='reflect')
 
 
 def crop_to(logits: jax.Array, spatial_shape: Sequence[int]) -> jax.Array:
@@ -130,3 +132,15 @@ def tta_transforms(mode: str, rank: int) -> list[Transform]:
   if mode == 'flips':
     return [Transform(f, 0) for f in ((), (rows,), (cols,), (rows, cols))]
   return [Transform(f, k) for f in ((), (cols,)) for k in range(4)]
+
+
+def tta_mean(predict: Any, x: Any, *, mode: str, rank: int, batched: bool = False) -> Any:
+  """Mean over `tta_transforms(mode, rank)` of `inverse(predict(forward(x)))`: `predict` maps
+  an image (a batch if `batched`) to per-pixel outputs of the same spatial shape."""
+  transforms = tta_transforms(mode, rank)
+  total = None
+  for transform in transforms:
+    y = transform.inverse(predict(transform.forward(x, rank, batched=batched)), rank,
+                          batched=batched)
+    total = y if total is None else total + y
+  return total / len(transforms)
