@@ -117,6 +117,38 @@ def test_conv_transpose_value_and_gradients_match_lax_in_float64(x_shape, c_out)
     onednn.conv_transpose(x, kernel, strides=(1,) * rank)
 
 
+@pytest.mark.parametrize('x_shape,k_shape,padding,relu', [
+    ((2, 9, 8, 5), (3, 3, 5, 7), ((1, 1), (1, 1)), True),
+    ((1, 6, 7, 5, 3), (3, 3, 3, 3, 4), ((0, 0),) * 3, False),
+])
+def test_conv_epilogue_value_and_gradients_match_lax_in_float64(x_shape, k_shape, padding, relu):
+  rank = len(x_shape) - 2
+  spatial = 'DHW'[-rank:]
+  spec = ('N' + spatial + 'C', spatial + 'IO', 'N' + spatial + 'C')
+  strides = (1,) * rank
+
+  def reference(x, k, b):
+    y = lax.conv_general_dilated(x, k, strides, padding, dimension_numbers=spec) + b
+    return jnp.maximum(y, 0) if relu else y
+
+  x, kernel, bias = _random(0, x_shape), _random(1, k_shape, 0.3), _random(2, k_shape[-1:])
+  with jax.enable_x64(True):
+    args64 = [jnp.asarray(a, jnp.float64) for a in (x, kernel, bias)]
+    y, vjp = jax.vjp(reference, *args64)
+    cotangent = _random(3, y.shape)
+    want = [np.asarray(a) for a in (y, *vjp(jnp.asarray(cotangent, jnp.float64)))]
+  fn = lambda x, k, b: onednn.conv_epilogue(x, k, b, padding=padding, strides=strides,
+                                            relu=relu)
+  got = jax.jit(lambda x, k, b, g: (fn(x, k, b), *jax.vjp(fn, x, k, b)[1](g)))(
+      x, kernel, bias, cotangent)
+  assert relu == bool(np.any(want[0] == 0))  # the ReLU clips something, or there is none
+  for name, g, w in zip(('y', 'dx', 'dkernel', 'dbias'), got, want):
+    assert g.dtype == jnp.float32 and g.shape == w.shape, name
+    assert _relative_error(g, w) < 2e-6, name
+  with pytest.raises(ValueError, match='bias'):
+    onednn.conv_epilogue(x, kernel, bias[:-1], padding=padding, strides=strides, relu=relu)
+
+
 def test_conv_under_vmap_and_rejections():
   x, kernel = _random(0, (3, 2, 6, 6, 4)), _random(1, (3, 3, 4, 5))
   pads = ((1, 1), (1, 1))

@@ -368,7 +368,14 @@ class Conv(nn.Module):
   impl: str = 'auto'
 
   @nn.compact
-  def __call__(self, inputs: jax.Array) -> jax.Array:
+  def __call__(self, inputs: jax.Array, *, affine: tuple[jax.Array, jax.Array] | None = None,
+               relu: bool = False) -> jax.Array:
+    """inputs (N, *spatial, C_in) → (N, *spatial, features).
+
+    `affine` = (mul, add), each (features,): the output becomes y·mul + add (an evaluation batch
+    norm folded in), then max(·, 0) if `relu`. On the 'onednn' path mul goes into the kernel
+    and add into the bias of one inference call whose ReLU is a post-op.
+    """
     # Like nn.Conv, an int kernel_size means a 1D kernel.
     kernel_size = ((self.kernel_size,) if isinstance(self.kernel_size, int)
                    else tuple(self.kernel_size))
@@ -384,8 +391,16 @@ class Conv(nn.Module):
     impl = resolve_impl(self.impl, kernel_size=kernel_size, in_features=in_features,
                         out_features=self.features, spatial_shape=inputs.shape[1:-1],
                         dtype=inputs.dtype, padding=pads)
+    if impl == 'onednn' and (affine is not None or relu):
+      mul, add = affine if affine is not None else (1.0, 0.0)
+      shift = jnp.zeros((self.features,), kernel.dtype) if bias is None else bias
+      return onednn.conv_epilogue(inputs, kernel * mul, shift * mul + add, padding=pads,
+                                  strides=strides, relu=relu)
     y = _CONV_PATHS[impl](inputs, kernel, pads, strides)
-    return y if bias is None else y + bias
+    y = y if bias is None else y + bias
+    if affine is not None:
+      y = (y * affine[0] + affine[1]).astype(y.dtype)
+    return nn.relu(y) if relu else y
 
 
 # What Conv computes for each resolved impl: (x, kernel, explicit pads, strides) → y.

@@ -37,9 +37,12 @@ HEADERS_WHEEL = 'onednn-devel-cpu-gomp'
 # FFI target name → the handler symbol conv.cc defines for it.
 TARGETS = {
     'unet_jax_onednn_conv_forward': 'UnetJaxOnednnConvForward',
-    'unet_jax_onednn_conv_backward': 'UnetJaxOnednnConvBackward',
+    'unet_jax_onednn_conv_forward_epilogue': 'UnetJaxOnednnConvForwardEpilogue',
+    'unet_jax_onednn_conv_backward_data': 'UnetJaxOnednnConvBackwardData',
+    'unet_jax_onednn_conv_backward_weights': 'UnetJaxOnednnConvBackwardWeights',
     'unet_jax_onednn_deconv_forward': 'UnetJaxOnednnDeconvForward',
-    'unet_jax_onednn_deconv_backward': 'UnetJaxOnednnDeconvBackward',
+    'unet_jax_onednn_deconv_backward_data': 'UnetJaxOnednnDeconvBackwardData',
+    'unet_jax_onednn_deconv_backward_weights': 'UnetJaxOnednnDeconvBackwardWeights',
 }
 FLAGS = ('-O3', '-std=c++17', '-shared', '-fPIC', '-fopenmp', '-w')
 # Seconds one compile may take (it takes ~10 s; a stuck compiler must not hang an import).

@@ -1,6 +1,6 @@
 // oneDNN convolutions and transposed convolutions (oneDNN's "deconvolution") for XLA:CPU as
-// FFI custom calls: the forward pass, and the backward pass (input gradient, then kernel
-// gradient) as one call.
+// FFI custom calls: the forward pass, the input gradient and the kernel gradient, and an
+// inference forward pass with a bias and a ReLU applied as oneDNN post-ops.
 //
 // Layouts are JAX's channels-last ones, row-major: x (N, *spatial, C_in), kernel
 // (*kernel_size, C_in, C_out), y and dy (N, *spatial_out, C_out), for 1, 2 or 3 spatial dims.
@@ -12,8 +12,9 @@
 // into it: convolutions on a plain HWIO kernel fell back to a reference path 2–4× slower, and
 // the reorder of a kernel is cheap next to the convolution itself.
 //
-// Why one mutex around every call: XLA may run independent custom calls at once, and two
-// OpenMP teams on the same few cores run slower than one after the other. The OpenMP team has
+// Why one mutex around every call: XLA may run independent custom calls at once (the two
+// gradients of a layer, say), and two OpenMP teams on the same few cores run slower than one
+// after the other. The OpenMP team has
 // the process's thread count (set once from Python through unet_jax_onednn_set_threads).
 //
 // Primitives are created once per geometry (10–160 ms each) and kept for the process's life.
@@ -116,12 +117,22 @@ struct Conv {
 template <typename Kind>
 using Cache = std::map<std::vector<int64_t>, std::unique_ptr<Conv<Kind>>>;
 
+// An inference convolution with a per-channel bias and, optionally, a ReLU applied by oneDNN as
+// the output is written (a post-op): evaluation folds batch norm into kernel and bias.
+struct Epilogue {
+  dnnl::convolution_forward fwd;
+  dnnl::reorder to_fwd_kernel;
+  dnnl::memory fwd_kernel;
+};
+using EpilogueCache = std::map<std::vector<int64_t>, std::unique_ptr<Epilogue>>;
+
 struct State {
   std::mutex mutex;
   dnnl::engine engine{dnnl::engine::kind::cpu, 0};
   dnnl::stream stream{engine};
   Cache<Convolution> convolutions;
   Cache<Deconvolution> deconvolutions;
+  EpilogueCache epilogues;
   int threads = 0;  // 0: OpenMP's default
 };
 
@@ -243,11 +254,60 @@ ffi::Error ForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
   });
 }
 
-// dx and dkernel of y = conv(x, kernel) given dy, one after the other in the same call.
+Epilogue& ForwardEpilogue(State& state, const Geometry& g, bool relu) {
+  std::vector<int64_t> key = g.Key();
+  key.push_back(relu);
+  auto& slot = state.epilogues[key];
+  if (slot) return *slot;
+  auto conv = std::make_unique<Epilogue>();
+  dnnl::primitive_attr attributes;
+  if (relu) {
+    dnnl::post_ops ops;
+    ops.append_eltwise(dnnl::algorithm::eltwise_relu, 0.f, 0.f);
+    attributes.set_post_ops(ops);
+  }
+  const dnnl::memory::desc bias({g.weights[0]}, kF32, tag::a);
+  dnnl::convolution_forward::primitive_desc pd(
+      state.engine, dnnl::prop_kind::forward_inference, dnnl::algorithm::convolution_direct,
+      g.Activations(g.src), g.AnyKernel(), bias, g.Activations(g.dst), g.strides, g.pad_lo,
+      g.pad_hi, attributes);
+  conv->fwd = dnnl::convolution_forward(pd);
+  if (pd.weights_desc() != g.PlainKernel()) {
+    conv->fwd_kernel = dnnl::memory(pd.weights_desc(), state.engine);
+    conv->to_fwd_kernel = dnnl::reorder(dnnl::reorder::primitive_desc(
+        state.engine, g.PlainKernel(), state.engine, pd.weights_desc()));
+  }
+  slot = std::move(conv);
+  return *slot;
+}
+
+// y = conv(x, kernel) + bias, then max(y, 0) if `relu` is non-zero.
+ffi::Error ForwardEpilogueImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
+                               ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> y,
+                               ffi::Span<const int64_t> strides, ffi::Span<const int64_t> pad_lo,
+                               ffi::Span<const int64_t> pad_hi, int64_t relu) {
+  const Geometry g = MakeGeometry(x.dimensions(), kernel.dimensions(), y->dimensions(), strides,
+                                  pad_lo, pad_hi);
+  if (auto error = CheckAttributes(g); error.failure()) return error;
+  return Guarded([&](State& state) {
+    Epilogue& conv = ForwardEpilogue(state, g, relu != 0);
+    auto user_kernel = Wrap(g.PlainKernel(), state.engine, kernel.untyped_data());
+    auto weights = Reordered(conv.to_fwd_kernel, user_kernel, conv.fwd_kernel, state.stream);
+    conv.fwd.execute(state.stream,
+                     {{DNNL_ARG_SRC, Wrap(g.Activations(g.src), state.engine, x.untyped_data())},
+                      {DNNL_ARG_WEIGHTS, weights},
+                      {DNNL_ARG_BIAS, Wrap(dnnl::memory::desc({g.weights[0]}, kF32, tag::a),
+                                           state.engine, bias.untyped_data())},
+                      {DNNL_ARG_DST, Wrap(g.Activations(g.dst), state.engine,
+                                          y->untyped_data())}});
+  });
+}
+
+// dx of y = conv(x, kernel) given dy. A call of its own, so that XLA drops it where dx is
+// not needed (the first layer, whose input is the image).
 template <typename Kind>
-ffi::Error BackwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
+ffi::Error BackwardDataImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
                             ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dx,
-                            ffi::ResultBuffer<ffi::F32> dkernel,
                             ffi::Span<const int64_t> strides, ffi::Span<const int64_t> pad_lo,
                             ffi::Span<const int64_t> pad_hi) {
   const Geometry g = MakeGeometry(x.dimensions(), kernel.dimensions(), dy.dimensions(), strides,
@@ -256,20 +316,36 @@ ffi::Error BackwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
   return Guarded([&](State& state) {
     Conv<Kind>& conv = Backward<Kind>(state, g);
     auto user_kernel = Wrap(g.PlainKernel(), state.engine, kernel.untyped_data());
-    auto dy_mem = Wrap(g.Activations(g.dst), state.engine, dy.untyped_data());
     auto weights = Reordered(conv.to_bwd_data_kernel, user_kernel, conv.bwd_data_kernel,
                              state.stream);
     conv.bwd_data.execute(state.stream,
-                          {{DNNL_ARG_DIFF_DST, dy_mem},
+                          {{DNNL_ARG_DIFF_DST, Wrap(g.Activations(g.dst), state.engine,
+                                                    dy.untyped_data())},
                            {DNNL_ARG_WEIGHTS, weights},
                            {DNNL_ARG_DIFF_SRC, Wrap(g.Activations(g.src), state.engine,
                                                     dx->untyped_data())}});
+  });
+}
+
+// dkernel of y = conv(x, kernel) given dy (x's shape is read from x, the kernel's from the
+// result).
+template <typename Kind>
+ffi::Error BackwardWeightsImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
+                               ffi::ResultBuffer<ffi::F32> dkernel,
+                               ffi::Span<const int64_t> strides, ffi::Span<const int64_t> pad_lo,
+                               ffi::Span<const int64_t> pad_hi) {
+  const Geometry g = MakeGeometry(x.dimensions(), dkernel->dimensions(), dy.dimensions(),
+                                  strides, pad_lo, pad_hi);
+  if (auto error = CheckAttributes(g); error.failure()) return error;
+  return Guarded([&](State& state) {
+    Conv<Kind>& conv = Backward<Kind>(state, g);
     auto plain_grad = Wrap(g.PlainKernel(), state.engine, dkernel->untyped_data());
     auto grad = conv.to_plain_kernel_grad ? conv.bwd_kernel_grad : plain_grad;
     conv.bwd_weights.execute(state.stream,
                              {{DNNL_ARG_SRC, Wrap(g.Activations(g.src), state.engine,
                                                   x.untyped_data())},
-                              {DNNL_ARG_DIFF_DST, dy_mem},
+                              {DNNL_ARG_DIFF_DST, Wrap(g.Activations(g.dst), state.engine,
+                                                       dy.untyped_data())},
                               {DNNL_ARG_DIFF_WEIGHTS, grad}});
     if (conv.to_plain_kernel_grad) conv.to_plain_kernel_grad.execute(state.stream, grad,
                                                                      plain_grad);
@@ -288,22 +364,43 @@ ffi::Error BackwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
                                     .Attr<ffi::Span<const int64_t>>("pad_lo")  \
                                     .Attr<ffi::Span<const int64_t>>("pad_hi"))
 
-#define UNET_JAX_BACKWARD_HANDLER(symbol, kind)                   \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(symbol, BackwardImpl<kind>,         \
+#define UNET_JAX_BACKWARD_DATA_HANDLER(symbol, kind)             \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(symbol, BackwardDataImpl<kind>,     \
                                 ffi::Ffi::Bind()                    \
                                     .Arg<ffi::Buffer<ffi::F32>>()   \
                                     .Arg<ffi::Buffer<ffi::F32>>()   \
                                     .Arg<ffi::Buffer<ffi::F32>>()   \
                                     .Ret<ffi::Buffer<ffi::F32>>()   \
+                                    .Attr<ffi::Span<const int64_t>>("strides") \
+                                    .Attr<ffi::Span<const int64_t>>("pad_lo")  \
+                                    .Attr<ffi::Span<const int64_t>>("pad_hi"))
+
+#define UNET_JAX_BACKWARD_WEIGHTS_HANDLER(symbol, kind)          \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(symbol, BackwardWeightsImpl<kind>,  \
+                                ffi::Ffi::Bind()                    \
+                                    .Arg<ffi::Buffer<ffi::F32>>()   \
+                                    .Arg<ffi::Buffer<ffi::F32>>()   \
                                     .Ret<ffi::Buffer<ffi::F32>>()   \
                                     .Attr<ffi::Span<const int64_t>>("strides") \
                                     .Attr<ffi::Span<const int64_t>>("pad_lo")  \
                                     .Attr<ffi::Span<const int64_t>>("pad_hi"))
 
 UNET_JAX_FORWARD_HANDLER(UnetJaxOnednnConvForward, Convolution);
-UNET_JAX_BACKWARD_HANDLER(UnetJaxOnednnConvBackward, Convolution);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(UnetJaxOnednnConvForwardEpilogue, ForwardEpilogueImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<ffi::Span<const int64_t>>("strides")
+                                  .Attr<ffi::Span<const int64_t>>("pad_lo")
+                                  .Attr<ffi::Span<const int64_t>>("pad_hi")
+                                  .Attr<int64_t>("relu"));
+UNET_JAX_BACKWARD_DATA_HANDLER(UnetJaxOnednnConvBackwardData, Convolution);
+UNET_JAX_BACKWARD_WEIGHTS_HANDLER(UnetJaxOnednnConvBackwardWeights, Convolution);
 UNET_JAX_FORWARD_HANDLER(UnetJaxOnednnDeconvForward, Deconvolution);
-UNET_JAX_BACKWARD_HANDLER(UnetJaxOnednnDeconvBackward, Deconvolution);
+UNET_JAX_BACKWARD_DATA_HANDLER(UnetJaxOnednnDeconvBackwardData, Deconvolution);
+UNET_JAX_BACKWARD_WEIGHTS_HANDLER(UnetJaxOnednnDeconvBackwardWeights, Deconvolution);
 
 // The OpenMP team size of every later call; Python passes the process's CPU count.
 extern "C" void unet_jax_onednn_set_threads(int threads) {

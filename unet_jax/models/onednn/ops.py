@@ -6,9 +6,12 @@ C_out), y (N, *spatial_out, C_out); 1D, 2D and 3D; float32.
   conv            `lax.conv_general_dilated`: any strides, non-negative explicit (low, high) pads
   conv_transpose  `lax.conv_transpose(..., padding='VALID')` with kernel_size == strides (the
                   U-Net's 2×2 up-convolution): oneDNN's "deconvolution"
+  conv_epilogue   conv(x, kernel) + bias, then an optional ReLU, in one inference call (the
+                  bias and the ReLU are oneDNN post-ops; evaluation folds batch norm into them)
 
-Only the order of the sums differs from lax. Each VJP is one custom call that computes the
-input gradient and then the kernel gradient (two OpenMP teams at once would share the cores).
+Only the order of the sums differs from lax. A VJP is two custom calls, the input gradient and
+the kernel gradient, so XLA drops the first where nothing needs it (the image's gradient); the
+extension runs one call at a time (two OpenMP teams at once would share the cores).
 
 The custom calls exist on CPU only, and only in this process (they are registered at run
 time): programs for another platform or for export must take another path (see
@@ -27,11 +30,11 @@ import numpy as np
 from unet_jax.models.onednn import build
 
 DTYPES = (jnp.float32,)
-FORWARD = 'unet_jax_onednn_conv_forward'
-BACKWARD = 'unet_jax_onednn_conv_backward'
-# The FFI targets (forward, backward) of each kind of layer.
-TARGETS = {'conv': (FORWARD, BACKWARD),
-           'deconv': ('unet_jax_onednn_deconv_forward', 'unet_jax_onednn_deconv_backward')}
+EPILOGUE = 'unet_jax_onednn_conv_forward_epilogue'
+# The FFI targets (forward, input gradient, kernel gradient) of each kind of layer.
+TARGETS = {kind: tuple(f'unet_jax_onednn_{kind}_{part}'
+                       for part in ('forward', 'backward_data', 'backward_weights'))
+           for kind in ('conv', 'deconv')}
 
 
 def available() -> bool:
@@ -79,9 +82,13 @@ def _call_fwd(x, kernel, kind, padding, strides):
 
 def _call_bwd(kind, padding, strides, residuals, dy):
   x, kernel = residuals
-  outs = (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(kernel.shape, x.dtype))
-  dx, dkernel = jax.ffi.ffi_call(TARGETS[kind][1], outs, vmap_method='sequential')(
-      x, kernel, dy.astype(x.dtype), **_attributes(padding, strides))
+  dy = dy.astype(x.dtype)
+  attributes = _attributes(padding, strides)
+  _, data, weights = TARGETS[kind]
+  dx = jax.ffi.ffi_call(data, jax.ShapeDtypeStruct(x.shape, x.dtype),
+                        vmap_method='sequential')(x, kernel, dy, **attributes)
+  dkernel = jax.ffi.ffi_call(weights, jax.ShapeDtypeStruct(kernel.shape, x.dtype),
+                             vmap_method='sequential')(x, dy, **attributes)
   return dx, dkernel
 
 
@@ -148,3 +155,51 @@ def conv_transpose(x: jax.Array, kernel: jax.Array, *, strides: Sequence[int]) -
   # lax gives output offset a of a block kernel tap k-1-a; oneDNN (like torch) tap a.
   flipped = kernel[(slice(None, None, -1),) * len(strides)]
   return _call(x.astype(dtype), flipped.astype(dtype), 'deconv', padding, strides)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _epilogue(x, kernel, bias, padding, strides, relu):
+  out = jax.ShapeDtypeStruct(_output_shape('conv', x.shape, kernel.shape, padding, strides),
+                             x.dtype)
+  return jax.ffi.ffi_call(EPILOGUE, out, vmap_method='sequential')(
+      x, kernel, bias, relu=np.int64(relu), **_attributes(padding, strides))
+
+
+def _epilogue_fwd(x, kernel, bias, padding, strides, relu):
+  y = _epilogue(x, kernel, bias, padding, strides, relu)
+  return y, (x, kernel, y)
+
+
+def _epilogue_bwd(padding, strides, relu, residuals, dy):
+  x, kernel, y = residuals
+  if relu:
+    dy = jnp.where(y > 0, dy, 0)
+  dx, dkernel = _call_bwd('conv', padding, strides, (x, kernel), dy)
+  return dx, dkernel, jnp.sum(dy, axis=tuple(range(dy.ndim - 1)))
+
+
+_epilogue.defvjp(_epilogue_fwd, _epilogue_bwd)
+
+
+def conv_epilogue(x: jax.Array, kernel: jax.Array, bias: jax.Array, *,
+                  padding: Sequence[tuple[int, int]], strides: Sequence[int],
+                  relu: bool) -> jax.Array:
+  """`conv(x, kernel) + bias`, then `max(·, 0)` if `relu`, as one oneDNN call (with its VJP).
+
+  Args:
+    x: (N, *spatial, C_in), float32.
+    kernel: (*kernel_size, C_in, C_out), float32.
+    bias: (C_out,), float32.
+    padding, strides: as `conv`.
+    relu: apply the ReLU.
+
+  Returns:
+    (N, *spatial_out, C_out) float32.
+  """
+  padding = tuple(tuple(int(p) for p in pair) for pair in padding)
+  strides = tuple(int(s) for s in strides)
+  dtype = _check(x, kernel, padding, strides)
+  if bias.shape != kernel.shape[-1:]:
+    raise ValueError(f'bias {bias.shape} does not fit the kernel {kernel.shape}')
+  return _epilogue(x.astype(dtype), kernel.astype(dtype), bias.astype(dtype), padding, strides,
+                   bool(relu))
