@@ -93,6 +93,11 @@ def _backward(epsilon, dtype, residuals, cotangents):
 normalize.defvjp(_forward, _backward)
 
 
+def _inference_scale(scale: jax.Array, var: jax.Array, epsilon: float) -> jax.Array:
+  """What evaluation multiplies the centred input by: scale · rsqrt(running var + eps)."""
+  return jax.lax.rsqrt(var + epsilon) * scale
+
+
 class BatchNorm(nn.Module):
   """flax's `nn.BatchNorm` (feature axis last, scale and bias) with `normalize`'s VJP.
 
@@ -120,7 +125,7 @@ class BatchNorm(nn.Module):
     dtype = self.dtype or jnp.promote_types(x.dtype, jnp.float32)
     if self.use_running_average:
       compute = jnp.promote_types(x.dtype, jnp.float32)
-      mul = jax.lax.rsqrt(ra_var.value + self.epsilon) * scale
+      mul = _inference_scale(scale, ra_var.value, self.epsilon)
       y = (x.astype(compute) - ra_mean.value) * mul + bias
       return y.astype(dtype)
     y, mean, var = normalize(x, scale, bias, self.epsilon, jnp.dtype(dtype))
@@ -140,5 +145,5 @@ def inference_affine(variables: Any, norm_name: str) -> tuple[jax.Array, jax.Arr
   """
   params = variables['params'][norm_name]['BatchNorm_0']
   stats = variables['batch_stats'][norm_name]['BatchNorm_0']
-  mul = jax.lax.rsqrt(stats['var'] + BatchNorm.epsilon) * params['scale']
+  mul = _inference_scale(params['scale'], stats['var'], BatchNorm.epsilon)
   return mul, params['bias'] - stats['mean'] * mul

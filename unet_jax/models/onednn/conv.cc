@@ -14,8 +14,8 @@
 //
 // Why one mutex around every call: XLA may run independent custom calls at once (the two
 // gradients of a layer, say), and two OpenMP teams on the same few cores run slower than one
-// after the other. The OpenMP team has
-// the process's thread count (set once from Python through unet_jax_onednn_set_threads).
+// after the other. The OpenMP team has the process's thread count (set once from Python
+// through unet_jax_onednn_set_threads).
 //
 // Primitives are created once per geometry (10–160 ms each) and kept for the process's life.
 
@@ -63,6 +63,7 @@ struct Geometry {
     return dnnl::memory::desc(weights, kF32, kKernelTags[rank - 1]);
   }
   dnnl::memory::desc AnyKernel() const { return dnnl::memory::desc(weights, kF32, tag::any); }
+  dnnl::memory::desc Bias() const { return dnnl::memory::desc({weights[0]}, kF32, tag::a); }
 };
 
 // (N, *spatial, C) from XLA as oneDNN's (N, C, *spatial).
@@ -157,6 +158,16 @@ dnnl::memory Reordered(dnnl::reorder& reorder, dnnl::memory& from, dnnl::memory&
   return to;
 }
 
+// Prepares `reorder` from the plain kernel into `layout` and the `buffer` it writes, unless
+// the primitive takes the plain kernel.
+void KernelInto(State& state, const Geometry& g, const dnnl::memory::desc& layout,
+                dnnl::reorder& reorder, dnnl::memory& buffer) {
+  if (layout == g.PlainKernel()) return;
+  buffer = dnnl::memory(layout, state.engine);
+  reorder = dnnl::reorder(
+      dnnl::reorder::primitive_desc(state.engine, g.PlainKernel(), state.engine, layout));
+}
+
 template <typename Kind>
 Conv<Kind>& Forward(State& state, const Geometry& g) {
   auto& slot = CacheOf(state, Kind())[g.Key()];
@@ -166,11 +177,7 @@ Conv<Kind>& Forward(State& state, const Geometry& g) {
       state.engine, dnnl::prop_kind::forward_training, Kind::kAlgorithm, g.Activations(g.src),
       g.AnyKernel(), g.Activations(g.dst), g.strides, g.pad_lo, g.pad_hi);
   conv->fwd = typename Kind::Fwd(conv->fwd_pd);
-  if (conv->fwd_pd.weights_desc() != g.PlainKernel()) {
-    conv->fwd_kernel = dnnl::memory(conv->fwd_pd.weights_desc(), state.engine);
-    conv->to_fwd_kernel = dnnl::reorder(dnnl::reorder::primitive_desc(
-        state.engine, g.PlainKernel(), state.engine, conv->fwd_pd.weights_desc()));
-  }
+  KernelInto(state, g, conv->fwd_pd.weights_desc(), conv->to_fwd_kernel, conv->fwd_kernel);
   slot = std::move(conv);
   return *slot;
 }
@@ -183,11 +190,7 @@ Conv<Kind>& Backward(State& state, const Geometry& g) {
       state.engine, Kind::kAlgorithm, g.Activations(g.src), g.AnyKernel(), g.Activations(g.dst),
       g.strides, g.pad_lo, g.pad_hi, conv.fwd_pd);
   conv.bwd_data = typename Kind::BwdData(data_pd);
-  if (data_pd.weights_desc() != g.PlainKernel()) {
-    conv.bwd_data_kernel = dnnl::memory(data_pd.weights_desc(), state.engine);
-    conv.to_bwd_data_kernel = dnnl::reorder(dnnl::reorder::primitive_desc(
-        state.engine, g.PlainKernel(), state.engine, data_pd.weights_desc()));
-  }
+  KernelInto(state, g, data_pd.weights_desc(), conv.to_bwd_data_kernel, conv.bwd_data_kernel);
   typename Kind::BwdWeights::primitive_desc weights_pd(
       state.engine, Kind::kAlgorithm, g.Activations(g.src), g.AnyKernel(), g.Activations(g.dst),
       g.strides, g.pad_lo, g.pad_hi, conv.fwd_pd);
@@ -266,17 +269,12 @@ Epilogue& ForwardEpilogue(State& state, const Geometry& g, bool relu) {
     ops.append_eltwise(dnnl::algorithm::eltwise_relu, 0.f, 0.f);
     attributes.set_post_ops(ops);
   }
-  const dnnl::memory::desc bias({g.weights[0]}, kF32, tag::a);
   dnnl::convolution_forward::primitive_desc pd(
       state.engine, dnnl::prop_kind::forward_inference, dnnl::algorithm::convolution_direct,
-      g.Activations(g.src), g.AnyKernel(), bias, g.Activations(g.dst), g.strides, g.pad_lo,
+      g.Activations(g.src), g.AnyKernel(), g.Bias(), g.Activations(g.dst), g.strides, g.pad_lo,
       g.pad_hi, attributes);
   conv->fwd = dnnl::convolution_forward(pd);
-  if (pd.weights_desc() != g.PlainKernel()) {
-    conv->fwd_kernel = dnnl::memory(pd.weights_desc(), state.engine);
-    conv->to_fwd_kernel = dnnl::reorder(dnnl::reorder::primitive_desc(
-        state.engine, g.PlainKernel(), state.engine, pd.weights_desc()));
-  }
+  KernelInto(state, g, pd.weights_desc(), conv->to_fwd_kernel, conv->fwd_kernel);
   slot = std::move(conv);
   return *slot;
 }
@@ -296,8 +294,7 @@ ffi::Error ForwardEpilogueImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> ke
     conv.fwd.execute(state.stream,
                      {{DNNL_ARG_SRC, Wrap(g.Activations(g.src), state.engine, x.untyped_data())},
                       {DNNL_ARG_WEIGHTS, weights},
-                      {DNNL_ARG_BIAS, Wrap(dnnl::memory::desc({g.weights[0]}, kF32, tag::a),
-                                           state.engine, bias.untyped_data())},
+                      {DNNL_ARG_BIAS, Wrap(g.Bias(), state.engine, bias.untyped_data())},
                       {DNNL_ARG_DST, Wrap(g.Activations(g.dst), state.engine,
                                           y->untyped_data())}});
   });
@@ -354,53 +351,30 @@ ffi::Error BackwardWeightsImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy
 
 }  // namespace
 
-#define UNET_JAX_FORWARD_HANDLER(symbol, kind)                    \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(symbol, ForwardImpl<kind>,          \
-                                ffi::Ffi::Bind()                    \
-                                    .Arg<ffi::Buffer<ffi::F32>>()   \
-                                    .Arg<ffi::Buffer<ffi::F32>>()   \
-                                    .Ret<ffi::Buffer<ffi::F32>>()   \
-                                    .Attr<ffi::Span<const int64_t>>("strides") \
-                                    .Attr<ffi::Span<const int64_t>>("pad_lo")  \
-                                    .Attr<ffi::Span<const int64_t>>("pad_hi"))
+// Bindings by the number of array arguments; every handler returns one array and takes the
+// convolution's strides and pads.
+#define UNET_JAX_ARRAYS_2 ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>()
+#define UNET_JAX_ARRAYS_3 UNET_JAX_ARRAYS_2.Arg<ffi::Buffer<ffi::F32>>()
+#define UNET_JAX_GEOMETRY                         \
+  .Ret<ffi::Buffer<ffi::F32>>()                   \
+      .Attr<ffi::Span<const int64_t>>("strides")  \
+      .Attr<ffi::Span<const int64_t>>("pad_lo")   \
+      .Attr<ffi::Span<const int64_t>>("pad_hi")
 
-#define UNET_JAX_BACKWARD_DATA_HANDLER(symbol, kind)             \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(symbol, BackwardDataImpl<kind>,     \
-                                ffi::Ffi::Bind()                    \
-                                    .Arg<ffi::Buffer<ffi::F32>>()   \
-                                    .Arg<ffi::Buffer<ffi::F32>>()   \
-                                    .Arg<ffi::Buffer<ffi::F32>>()   \
-                                    .Ret<ffi::Buffer<ffi::F32>>()   \
-                                    .Attr<ffi::Span<const int64_t>>("strides") \
-                                    .Attr<ffi::Span<const int64_t>>("pad_lo")  \
-                                    .Attr<ffi::Span<const int64_t>>("pad_hi"))
+// (x, kernel) → y; (x, kernel, dy) → dx; (x, dy) → dkernel.
+#define UNET_JAX_HANDLERS(prefix, kind)                                                  \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(prefix##Forward, ForwardImpl<kind>,                      \
+                                UNET_JAX_ARRAYS_2 UNET_JAX_GEOMETRY);                    \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(prefix##BackwardData, BackwardDataImpl<kind>,            \
+                                UNET_JAX_ARRAYS_3 UNET_JAX_GEOMETRY);                    \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(prefix##BackwardWeights, BackwardWeightsImpl<kind>,      \
+                                UNET_JAX_ARRAYS_2 UNET_JAX_GEOMETRY)
 
-#define UNET_JAX_BACKWARD_WEIGHTS_HANDLER(symbol, kind)          \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(symbol, BackwardWeightsImpl<kind>,  \
-                                ffi::Ffi::Bind()                    \
-                                    .Arg<ffi::Buffer<ffi::F32>>()   \
-                                    .Arg<ffi::Buffer<ffi::F32>>()   \
-                                    .Ret<ffi::Buffer<ffi::F32>>()   \
-                                    .Attr<ffi::Span<const int64_t>>("strides") \
-                                    .Attr<ffi::Span<const int64_t>>("pad_lo")  \
-                                    .Attr<ffi::Span<const int64_t>>("pad_hi"))
-
-UNET_JAX_FORWARD_HANDLER(UnetJaxOnednnConvForward, Convolution);
+UNET_JAX_HANDLERS(UnetJaxOnednnConv, Convolution);
+UNET_JAX_HANDLERS(UnetJaxOnednnDeconv, Deconvolution);
+// (x, kernel, bias) → y, with the ReLU if "relu" is non-zero.
 XLA_FFI_DEFINE_HANDLER_SYMBOL(UnetJaxOnednnConvForwardEpilogue, ForwardEpilogueImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<ffi::Span<const int64_t>>("strides")
-                                  .Attr<ffi::Span<const int64_t>>("pad_lo")
-                                  .Attr<ffi::Span<const int64_t>>("pad_hi")
-                                  .Attr<int64_t>("relu"));
-UNET_JAX_BACKWARD_DATA_HANDLER(UnetJaxOnednnConvBackwardData, Convolution);
-UNET_JAX_BACKWARD_WEIGHTS_HANDLER(UnetJaxOnednnConvBackwardWeights, Convolution);
-UNET_JAX_FORWARD_HANDLER(UnetJaxOnednnDeconvForward, Deconvolution);
-UNET_JAX_BACKWARD_DATA_HANDLER(UnetJaxOnednnDeconvBackwardData, Deconvolution);
-UNET_JAX_BACKWARD_WEIGHTS_HANDLER(UnetJaxOnednnDeconvBackwardWeights, Deconvolution);
+                              UNET_JAX_ARRAYS_3 UNET_JAX_GEOMETRY.Attr<int64_t>("relu"));
 
 // The OpenMP team size of every later call; Python passes the process's CPU count.
 extern "C" void unet_jax_onednn_set_threads(int threads) {
