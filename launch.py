@@ -84,6 +84,9 @@ flags.DEFINE_float('memory_limit_gib', None, 'compile mode: memory a program may
                    'that JAX preallocates).')
 flags.DEFINE_integer('channels', None, 'compile mode: image channels (default: what '
                      'config.data.source fixes, else 1).')
+flags.DEFINE_bool('keep_host_memory', True, 'Keep freed host memory in the process for reuse '
+                  '(glibc; unet_jax/host_memory.py): XLA:CPU otherwise maps and faults in each '
+                  'step\'s temporary buffer anew. Costs resident memory near the peak.')
 config_flags.DEFINE_config_file('config', None, 'Config file, e.g. experiments/isbi.py:cpu.',
                                 lock_config=True)
 FLAGS = flags.FLAGS
@@ -129,6 +132,9 @@ def _parse_flags(argv: list[str]) -> list[str]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if FLAGS.keep_host_memory:
+    from unet_jax import host_memory  # pylint: disable=g-import-not-at-top  (before jax starts)
+    host_memory.keep_freed_memory()
   if FLAGS.mode == 'compile':
     # The programs are built for the target's abstract devices; this host computes nothing, so
     # its own backend is the CPU, and libtpu must not look for a TPU or a metadata server.

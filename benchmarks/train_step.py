@@ -25,7 +25,10 @@ of 1×64³) training step and forward pass.
 JAX and PyTorch run in two worker processes driven in turn by this one, never at the same
 time, so neither's idle thread pool competes with the other's work. Times are medians of
 `--steps` timed runs after a warm-up run, interleaved stock / portable / auto / torch; the load
-average is printed because the numbers are only comparable on an otherwise idle machine.
+average is printed because the numbers are only comparable on an otherwise idle machine. The
+JAX worker keeps freed host memory for reuse, as launch.py does (unet_jax/host_memory.py;
+`--host_memory=default` for glibc's own allocator, which maps XLA's temporary buffer anew each
+step); the PyTorch worker runs as torch does by default.
 GFLOP/s counts the model's own FLOPs (unet_jax/models/flops.py: convolutions and matrix
 products from the traced forward pass of the 'xla' model), ×3 for a training step.
 
@@ -77,14 +80,19 @@ def make_batch(batch: int, size: int, seed: int = 0, rank: int = 2) -> dict[str,
 class JaxWorker:
   """Builds and times the JAX training step (and forward pass) per conv_impl ('stock' = 'xla')."""
 
-  def __init__(self):
+  def __init__(self, keep_host_memory: bool = True):
+    # As launch.py does by default, before JAX starts its threads.
+    from unet_jax import host_memory  # pylint: disable=g-import-not-at-top
+    self.kept = keep_host_memory and host_memory.keep_freed_memory()
     import jax  # pylint: disable=g-import-not-at-top
     self.jax = jax
     self.runs: dict[str, dict[str, Any]] = {}
 
   def describe(self) -> str:
     jax = self.jax
-    return f'jax {jax.__version__}, {jax.device_count()} × {jax.devices()[0].device_kind}'
+    memory = 'freed host memory kept' if self.kept else "glibc's default allocator"
+    return (f'jax {jax.__version__}, {jax.device_count()} × {jax.devices()[0].device_kind}, '
+            f'{memory}')
 
   def setup(self, *, width: int, batch: int, size: int, norm: str, impls: tuple[str, ...],
             rank: int = 2) -> dict[str, np.ndarray]:
@@ -289,7 +297,7 @@ def run_cpu(args: argparse.Namespace) -> None:
   default_steps = {16: 5, 32: 3, 64: 2}
   # Not at the top: the tests load this file by path, without benchmarks/ on sys.path.
   import torch_peer  # pylint: disable=g-import-not-at-top
-  jax_worker = Worker(JaxWorker)
+  jax_worker = Worker(JaxWorker, args.host_memory == 'keep')
   torch_worker = None if args.no_torch else Worker(torch_peer.TorchWorker, args.threads)
   print(f'{jax_worker("describe")}; '
         f'{torch_worker("describe") if torch_worker else "no torch"}; '
@@ -453,6 +461,9 @@ def main() -> None:
                       choices=('channels_last', 'nchw'))
   parser.add_argument('--no_torch', action='store_true', help='time JAX only')
   parser.add_argument('--no_memory', action='store_true', help='skip the memory table')
+  parser.add_argument('--host_memory', choices=('keep', 'default'), default='keep',
+                      help="JAX worker: 'keep' freed host memory as launch.py does "
+                           "(unet_jax/host_memory.py), or glibc's default")
   parser.add_argument('--pause', type=float, default=0.5,
                       help='seconds of idle before each timed call')
   parser.add_argument('--tolerance', type=float, default=1e-4,
