@@ -270,7 +270,7 @@ def _cases(args: argparse.Namespace) -> list[dict[str, Any]]:
   """The rows of the speed table: (model, passes) with the sizes each pass runs at."""
   cases = [dict(name=f'{w}', width=w, batch=args.batch, size=args.size, rank=2,
                 passes=('train', 'forward') + (('tiled',) if w == args.tiled_width else ()))
-           for w in (int(w) for w in args.widths.split(','))]
+           for w in (int(w) for w in args.widths.split(',') if w)]
   if args.size3d:
     cases.append(dict(name=f'3D {args.width3d}', width=args.width3d, batch=args.batch3d,
                       size=args.size3d, rank=3, passes=('train', 'forward')))
@@ -440,7 +440,7 @@ def run_gpu_paper(args: argparse.Namespace) -> None:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--widths', default='16,32,64')
+  parser.add_argument('--widths', default='16,32,64', help='2D widths (empty: none)')
   parser.add_argument('--batch', type=int, default=4)
   parser.add_argument('--size', type=int, default=256)
   parser.add_argument('--norm', default='batch', choices=('batch', 'none'))

@@ -236,6 +236,41 @@ def test_auto_takes_onednn_in_a_one_device_process():
   assert 'custom calls 6' in result.stdout  # 3 conv blocks × 2 convolutions of 3×3
 
 
+def test_3d_gradients_in_steps_dispatched_back_to_back():
+  # With oneDNN's own scratchpad, the 3D kernel gradient crashed the process (a memset out of
+  # bounds) when steps were dispatched without waiting, as a training loop does; the extension
+  # now hands every primitive its scratchpad. In a child process, so that a crash fails this
+  # test instead of the session.
+  script = textwrap.dedent("""
+      import jax, jax.numpy as jnp, numpy as np
+      from jax import lax
+      from unet_jax.models.onednn import ops
+      rng = np.random.default_rng(0)
+      x = jnp.asarray(rng.normal(size=(1, 16, 16, 16, 4)), jnp.float32)
+      k = jnp.asarray(0.3 * rng.normal(size=(3, 3, 3, 4, 4)), jnp.float32)
+      pad = ((1, 1),) * 3
+      def steps(conv):
+        @jax.jit
+        def step(x, k):
+          y, vjp = jax.vjp(conv, x, k)
+          dx, dk = vjp(jnp.sin(y))
+          return x - 1e-4 * dx, k - 1e-4 * dk
+        state = (x, k)
+        for _ in range(40):
+          state = step(*state)
+        return state
+      got = steps(lambda x, k: ops.conv(x, k, padding=pad, strides=(1, 1, 1)))
+      want = steps(lambda x, k: lax.conv_general_dilated(
+          x, k, (1, 1, 1), pad, dimension_numbers=('NDHWC', 'DHWIO', 'NDHWC')))
+      print('relative difference', max(float(jnp.max(jnp.abs(g - w)) / jnp.max(jnp.abs(w)))
+                                       for g, w in zip(got, want)))
+      """)
+  result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True,
+                          env={**os.environ, 'XLA_FLAGS': ''}, timeout=300, check=False)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert float(result.stdout.split('relative difference')[1]) < 1e-5, result.stdout
+
+
 def test_export_of_a_cpu_model_holds_no_custom_call():
   model = UNet(num_classes=2, width=4, depth=1, padding='SAME', conv_impl='onednn')
   x = jax.ShapeDtypeStruct((1, 16, 16, 1), jnp.float32)

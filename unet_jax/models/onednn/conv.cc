@@ -18,10 +18,17 @@
 // through unet_jax_onednn_set_threads).
 //
 // Primitives are created once per geometry (10–160 ms each) and kept for the process's life.
+//
+// Why every primitive takes its scratchpad from us (scratchpad_mode::user): with oneDNN's own
+// per-thread scratchpad, the gemm kernel gradient of 3D convolutions (oneDNN 3.2, channels-last)
+// now and then wrote outside its memory when XLA called in from its worker threads, and the
+// process died. The calls run one at a time (the mutex), so one buffer, grown to the largest
+// request, serves them all.
 
 #include <omp.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -107,9 +114,11 @@ struct Conv {
   dnnl::memory fwd_kernel;
 
   bool has_backward = false;
+  typename Kind::BwdData::primitive_desc bwd_data_pd;
   typename Kind::BwdData bwd_data;
   dnnl::reorder to_bwd_data_kernel;
   dnnl::memory bwd_data_kernel;
+  typename Kind::BwdWeights::primitive_desc bwd_weights_pd;
   typename Kind::BwdWeights bwd_weights;
   dnnl::reorder to_plain_kernel_grad;  // bwd_weights' layout → plain kernel gradient
   dnnl::memory bwd_kernel_grad;
@@ -121,6 +130,7 @@ using Cache = std::map<std::vector<int64_t>, std::unique_ptr<Conv<Kind>>>;
 // An inference convolution with a per-channel bias and, optionally, a ReLU applied by oneDNN as
 // the output is written (a post-op): evaluation folds batch norm into kernel and bias.
 struct Epilogue {
+  dnnl::convolution_forward::primitive_desc fwd_pd;
   dnnl::convolution_forward fwd;
   dnnl::reorder to_fwd_kernel;
   dnnl::memory fwd_kernel;
@@ -135,7 +145,31 @@ struct State {
   Cache<Deconvolution> deconvolutions;
   EpilogueCache epilogues;
   int threads = 0;  // 0: OpenMP's default
+  void* scratchpad = nullptr;  // shared by every call (they run one at a time)
+  size_t scratchpad_bytes = 0;
+
+  // The scratchpad `desc` asks for, over the shared buffer (grown when it is too small).
+  dnnl::memory Scratchpad(const dnnl::memory::desc& desc) {
+    const size_t bytes = desc.get_size();
+    if (bytes > scratchpad_bytes) {
+      std::free(scratchpad);
+      constexpr size_t kPage = 4096;
+      scratchpad_bytes = (bytes + kPage - 1) / kPage * kPage;
+      scratchpad = std::aligned_alloc(kPage, scratchpad_bytes);
+      if (scratchpad == nullptr) {
+        scratchpad_bytes = 0;
+        throw dnnl::error(dnnl_out_of_memory, "could not allocate the scratchpad");
+      }
+    }
+    return dnnl::memory(desc, engine, scratchpad);
+  }
 };
+
+// Primitive attributes with the scratchpad left to the caller (see the top of this file).
+dnnl::primitive_attr UserScratchpad(dnnl::primitive_attr attributes = dnnl::primitive_attr()) {
+  attributes.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  return attributes;
+}
 
 Cache<Convolution>& CacheOf(State& state, Convolution) { return state.convolutions; }
 Cache<Deconvolution>& CacheOf(State& state, Deconvolution) { return state.deconvolutions; }
@@ -175,7 +209,7 @@ Conv<Kind>& Forward(State& state, const Geometry& g) {
   auto conv = std::make_unique<Conv<Kind>>();
   conv->fwd_pd = typename Kind::Fwd::primitive_desc(
       state.engine, dnnl::prop_kind::forward_training, Kind::kAlgorithm, g.Activations(g.src),
-      g.AnyKernel(), g.Activations(g.dst), g.strides, g.pad_lo, g.pad_hi);
+      g.AnyKernel(), g.Activations(g.dst), g.strides, g.pad_lo, g.pad_hi, UserScratchpad());
   conv->fwd = typename Kind::Fwd(conv->fwd_pd);
   KernelInto(state, g, conv->fwd_pd.weights_desc(), conv->to_fwd_kernel, conv->fwd_kernel);
   slot = std::move(conv);
@@ -186,14 +220,14 @@ template <typename Kind>
 Conv<Kind>& Backward(State& state, const Geometry& g) {
   Conv<Kind>& conv = Forward<Kind>(state, g);
   if (conv.has_backward) return conv;
-  typename Kind::BwdData::primitive_desc data_pd(
+  auto& data_pd = conv.bwd_data_pd = typename Kind::BwdData::primitive_desc(
       state.engine, Kind::kAlgorithm, g.Activations(g.src), g.AnyKernel(), g.Activations(g.dst),
-      g.strides, g.pad_lo, g.pad_hi, conv.fwd_pd);
+      g.strides, g.pad_lo, g.pad_hi, conv.fwd_pd, UserScratchpad());
   conv.bwd_data = typename Kind::BwdData(data_pd);
   KernelInto(state, g, data_pd.weights_desc(), conv.to_bwd_data_kernel, conv.bwd_data_kernel);
-  typename Kind::BwdWeights::primitive_desc weights_pd(
+  auto& weights_pd = conv.bwd_weights_pd = typename Kind::BwdWeights::primitive_desc(
       state.engine, Kind::kAlgorithm, g.Activations(g.src), g.AnyKernel(), g.Activations(g.dst),
-      g.strides, g.pad_lo, g.pad_hi, conv.fwd_pd);
+      g.strides, g.pad_lo, g.pad_hi, conv.fwd_pd, UserScratchpad());
   conv.bwd_weights = typename Kind::BwdWeights(weights_pd);
   if (weights_pd.diff_weights_desc() != g.PlainKernel()) {
     conv.bwd_kernel_grad = dnnl::memory(weights_pd.diff_weights_desc(), state.engine);
@@ -253,7 +287,8 @@ ffi::Error ForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
                      {{DNNL_ARG_SRC, Wrap(g.Activations(g.src), state.engine, x.untyped_data())},
                       {DNNL_ARG_WEIGHTS, weights},
                       {DNNL_ARG_DST, Wrap(g.Activations(g.dst), state.engine,
-                                          y->untyped_data())}});
+                                          y->untyped_data())},
+                      {DNNL_ARG_SCRATCHPAD, state.Scratchpad(conv.fwd_pd.scratchpad_desc())}});
   });
 }
 
@@ -263,13 +298,13 @@ Epilogue& ForwardEpilogue(State& state, const Geometry& g, bool relu) {
   auto& slot = state.epilogues[key];
   if (slot) return *slot;
   auto conv = std::make_unique<Epilogue>();
-  dnnl::primitive_attr attributes;
+  dnnl::primitive_attr attributes = UserScratchpad();
   if (relu) {
     dnnl::post_ops ops;
     ops.append_eltwise(dnnl::algorithm::eltwise_relu, 0.f, 0.f);
     attributes.set_post_ops(ops);
   }
-  dnnl::convolution_forward::primitive_desc pd(
+  auto& pd = conv->fwd_pd = dnnl::convolution_forward::primitive_desc(
       state.engine, dnnl::prop_kind::forward_inference, dnnl::algorithm::convolution_direct,
       g.Activations(g.src), g.AnyKernel(), g.Bias(), g.Activations(g.dst), g.strides, g.pad_lo,
       g.pad_hi, attributes);
@@ -296,7 +331,8 @@ ffi::Error ForwardEpilogueImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> ke
                       {DNNL_ARG_WEIGHTS, weights},
                       {DNNL_ARG_BIAS, Wrap(g.Bias(), state.engine, bias.untyped_data())},
                       {DNNL_ARG_DST, Wrap(g.Activations(g.dst), state.engine,
-                                          y->untyped_data())}});
+                                          y->untyped_data())},
+                      {DNNL_ARG_SCRATCHPAD, state.Scratchpad(conv.fwd_pd.scratchpad_desc())}});
   });
 }
 
@@ -320,7 +356,9 @@ ffi::Error BackwardDataImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kerne
                                                     dy.untyped_data())},
                            {DNNL_ARG_WEIGHTS, weights},
                            {DNNL_ARG_DIFF_SRC, Wrap(g.Activations(g.src), state.engine,
-                                                    dx->untyped_data())}});
+                                                    dx->untyped_data())},
+                           {DNNL_ARG_SCRATCHPAD,
+                            state.Scratchpad(conv.bwd_data_pd.scratchpad_desc())}});
   });
 }
 
@@ -343,7 +381,9 @@ ffi::Error BackwardWeightsImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy
                                                   x.untyped_data())},
                               {DNNL_ARG_DIFF_DST, Wrap(g.Activations(g.dst), state.engine,
                                                        dy.untyped_data())},
-                              {DNNL_ARG_DIFF_WEIGHTS, grad}});
+                              {DNNL_ARG_DIFF_WEIGHTS, grad},
+                              {DNNL_ARG_SCRATCHPAD,
+                               state.Scratchpad(conv.bwd_weights_pd.scratchpad_desc())}});
     if (conv.to_plain_kernel_grad) conv.to_plain_kernel_grad.execute(state.stream, grad,
                                                                      plain_grad);
   });
