@@ -36,7 +36,8 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from unet_jax import sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
+from unet_jax import host_memory  # pylint: disable=g-import-not-at-top,wrong-import-position
+from unet_jax import sharding
 from unet_jax import storage
 from unet_jax.config import overrides
 from unet_jax.datasets import pipeline
@@ -80,6 +81,12 @@ ROWS: dict[str, dict[str, object] | None] = {
     'foreground_crops': FOREGROUND,
     'width_32': {'model.width': 32},
     'paper_all': {**ELASTIC, **WEIGHT_MAP, **_valid(256), **FOREGROUND, 'eval.tta': 'dihedral'},
+    # Combinations of the rows that helped.
+    'crop_256_tta': {'data.crop_size': 256, 'eval.tta': 'dihedral'},
+    'crop_256_tta_elastic': {**ELASTIC, 'data.crop_size': 256, 'eval.tta': 'dihedral'},
+    'width_32_tta': {'model.width': 32, 'eval.tta': 'dihedral'},
+    'elastic_tta': {**ELASTIC, 'eval.tta': 'dihedral'},
+    'depth_5_tta': {'model.depth': 5, 'eval.tta': 'dihedral'},
     'recipe': None,
 }
 # Rows that only change evaluation: they score the checkpoints of another row.
@@ -102,7 +109,8 @@ def get_config(row: str = 'plain'):
   return config
 
 
-def calibrate(config, *, min_seconds: float = 12.0, min_steps: int = 8) -> tuple[float, float]:
+def calibrate(config, *, min_seconds: float = 20.0, min_steps: int = 8,
+              sync_every: int = 25) -> tuple[float, float]:
   """(seconds per training step, fixed seconds: the first steps' compile + one evaluation)."""
   dataset = sources.load_dataset(config.data)
   train_set, val_set = sources.split_dataset(dataset, config.data)
@@ -122,7 +130,7 @@ def calibrate(config, *, min_seconds: float = 12.0, min_steps: int = 8) -> tuple
   while steps < min_steps or time.perf_counter() - start < min_seconds:
     state, metrics = step_fn(state, sharding.to_global(next(batches), setup.mesh), rng)
     steps += 1
-    if steps % 4 == 0:
+    if steps % sync_every == 0:  # as the training loop, which reads metrics every log_every
       jax.block_until_ready(metrics)
   jax.block_until_ready(metrics)
   per_step = (time.perf_counter() - start) / steps
@@ -207,6 +215,8 @@ def main() -> None:
   parser.add_argument('--seeds', default='0,1')
   parser.add_argument('--rows', default=','.join(ROWS), help=f'a subset of {",".join(ROWS)}')
   args = parser.parse_args()
+  # As launch.py does by default, so that the calibrated step time is the launched runs' own.
+  host_memory.keep_freed_memory()
   rows = args.rows.split(',')
   unknown = [r for r in rows if r not in ROWS]
   if unknown:
