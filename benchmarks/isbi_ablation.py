@@ -109,8 +109,7 @@ def get_config(row: str = 'plain'):
   return config
 
 
-def calibrate(config, *, min_seconds: float = 20.0, min_steps: int = 8,
-              sync_every: int = 25) -> tuple[float, float]:
+def calibrate(config, *, min_seconds: float = 20.0, min_steps: int = 8) -> tuple[float, float]:
   """(seconds per training step, fixed seconds: the first steps' compile + one evaluation)."""
   dataset = sources.load_dataset(config.data)
   train_set, val_set = sources.split_dataset(dataset, config.data)
@@ -130,7 +129,7 @@ def calibrate(config, *, min_seconds: float = 20.0, min_steps: int = 8,
   while steps < min_steps or time.perf_counter() - start < min_seconds:
     state, metrics = step_fn(state, sharding.to_global(next(batches), setup.mesh), rng)
     steps += 1
-    if steps % sync_every == 0:  # as the training loop, which reads metrics every log_every
+    if steps % config.log_every == 0:  # as the training loop reads its metrics
       jax.block_until_ready(metrics)
   jax.block_until_ready(metrics)
   per_step = (time.perf_counter() - start) / steps

@@ -33,6 +33,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "oneapi/dnnl/dnnl.hpp"
@@ -171,6 +172,13 @@ dnnl::primitive_attr UserScratchpad(dnnl::primitive_attr attributes = dnnl::prim
   return attributes;
 }
 
+// Runs `primitive` (made from `pd`) on the state's stream with the shared scratchpad.
+void Execute(State& state, const dnnl::primitive& primitive, const dnnl::primitive_desc_base& pd,
+             std::unordered_map<int, dnnl::memory> args) {
+  args.emplace(DNNL_ARG_SCRATCHPAD, state.Scratchpad(pd.scratchpad_desc()));
+  primitive.execute(state.stream, args);
+}
+
 Cache<Convolution>& CacheOf(State& state, Convolution) { return state.convolutions; }
 Cache<Deconvolution>& CacheOf(State& state, Deconvolution) { return state.deconvolutions; }
 
@@ -283,12 +291,10 @@ ffi::Error ForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
     Conv<Kind>& conv = Forward<Kind>(state, g);
     auto user_kernel = Wrap(g.PlainKernel(), state.engine, kernel.untyped_data());
     auto weights = Reordered(conv.to_fwd_kernel, user_kernel, conv.fwd_kernel, state.stream);
-    conv.fwd.execute(state.stream,
-                     {{DNNL_ARG_SRC, Wrap(g.Activations(g.src), state.engine, x.untyped_data())},
-                      {DNNL_ARG_WEIGHTS, weights},
-                      {DNNL_ARG_DST, Wrap(g.Activations(g.dst), state.engine,
-                                          y->untyped_data())},
-                      {DNNL_ARG_SCRATCHPAD, state.Scratchpad(conv.fwd_pd.scratchpad_desc())}});
+    Execute(state, conv.fwd, conv.fwd_pd,
+            {{DNNL_ARG_SRC, Wrap(g.Activations(g.src), state.engine, x.untyped_data())},
+             {DNNL_ARG_WEIGHTS, weights},
+             {DNNL_ARG_DST, Wrap(g.Activations(g.dst), state.engine, y->untyped_data())}});
   });
 }
 
@@ -326,13 +332,11 @@ ffi::Error ForwardEpilogueImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> ke
     Epilogue& conv = ForwardEpilogue(state, g, relu != 0);
     auto user_kernel = Wrap(g.PlainKernel(), state.engine, kernel.untyped_data());
     auto weights = Reordered(conv.to_fwd_kernel, user_kernel, conv.fwd_kernel, state.stream);
-    conv.fwd.execute(state.stream,
-                     {{DNNL_ARG_SRC, Wrap(g.Activations(g.src), state.engine, x.untyped_data())},
-                      {DNNL_ARG_WEIGHTS, weights},
-                      {DNNL_ARG_BIAS, Wrap(g.Bias(), state.engine, bias.untyped_data())},
-                      {DNNL_ARG_DST, Wrap(g.Activations(g.dst), state.engine,
-                                          y->untyped_data())},
-                      {DNNL_ARG_SCRATCHPAD, state.Scratchpad(conv.fwd_pd.scratchpad_desc())}});
+    Execute(state, conv.fwd, conv.fwd_pd,
+            {{DNNL_ARG_SRC, Wrap(g.Activations(g.src), state.engine, x.untyped_data())},
+             {DNNL_ARG_WEIGHTS, weights},
+             {DNNL_ARG_BIAS, Wrap(g.Bias(), state.engine, bias.untyped_data())},
+             {DNNL_ARG_DST, Wrap(g.Activations(g.dst), state.engine, y->untyped_data())}});
   });
 }
 
@@ -351,14 +355,10 @@ ffi::Error BackwardDataImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kerne
     auto user_kernel = Wrap(g.PlainKernel(), state.engine, kernel.untyped_data());
     auto weights = Reordered(conv.to_bwd_data_kernel, user_kernel, conv.bwd_data_kernel,
                              state.stream);
-    conv.bwd_data.execute(state.stream,
-                          {{DNNL_ARG_DIFF_DST, Wrap(g.Activations(g.dst), state.engine,
-                                                    dy.untyped_data())},
-                           {DNNL_ARG_WEIGHTS, weights},
-                           {DNNL_ARG_DIFF_SRC, Wrap(g.Activations(g.src), state.engine,
-                                                    dx->untyped_data())},
-                           {DNNL_ARG_SCRATCHPAD,
-                            state.Scratchpad(conv.bwd_data_pd.scratchpad_desc())}});
+    Execute(state, conv.bwd_data, conv.bwd_data_pd,
+            {{DNNL_ARG_DIFF_DST, Wrap(g.Activations(g.dst), state.engine, dy.untyped_data())},
+             {DNNL_ARG_WEIGHTS, weights},
+             {DNNL_ARG_DIFF_SRC, Wrap(g.Activations(g.src), state.engine, dx->untyped_data())}});
   });
 }
 
@@ -376,14 +376,10 @@ ffi::Error BackwardWeightsImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy
     Conv<Kind>& conv = Backward<Kind>(state, g);
     auto plain_grad = Wrap(g.PlainKernel(), state.engine, dkernel->untyped_data());
     auto grad = conv.to_plain_kernel_grad ? conv.bwd_kernel_grad : plain_grad;
-    conv.bwd_weights.execute(state.stream,
-                             {{DNNL_ARG_SRC, Wrap(g.Activations(g.src), state.engine,
-                                                  x.untyped_data())},
-                              {DNNL_ARG_DIFF_DST, Wrap(g.Activations(g.dst), state.engine,
-                                                       dy.untyped_data())},
-                              {DNNL_ARG_DIFF_WEIGHTS, grad},
-                              {DNNL_ARG_SCRATCHPAD,
-                               state.Scratchpad(conv.bwd_weights_pd.scratchpad_desc())}});
+    Execute(state, conv.bwd_weights, conv.bwd_weights_pd,
+            {{DNNL_ARG_SRC, Wrap(g.Activations(g.src), state.engine, x.untyped_data())},
+             {DNNL_ARG_DIFF_DST, Wrap(g.Activations(g.dst), state.engine, dy.untyped_data())},
+             {DNNL_ARG_DIFF_WEIGHTS, grad}});
     if (conv.to_plain_kernel_grad) conv.to_plain_kernel_grad.execute(state.stream, grad,
                                                                      plain_grad);
   });
