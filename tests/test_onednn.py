@@ -149,6 +149,36 @@ def test_conv_epilogue_value_and_gradients_match_lax_in_float64(x_shape, k_shape
     onednn.conv_epilogue(x, kernel, bias[:-1], padding=padding, strides=strides, relu=relu)
 
 
+def test_calls_with_new_kernel_values_never_reuse_an_old_reordered_kernel():
+  """The forward calls keep the kernel they last reordered into oneDNN's layout and skip the
+  reorder while the caller's kernel holds the same bytes: a kernel that differs in its very last
+  element must still be reordered anew, and going back to the first kernel too."""
+  x = _random(0, (2, 12, 12, 16))
+  bias = _random(1, (16,))
+  spec = ('NHWC', 'HWIO', 'NHWC')
+  pads = ((1, 1), (1, 1))
+  conv = lambda x, k: lax.conv_general_dilated(x, k, (1, 1), pads, dimension_numbers=spec)
+  # (oneDNN op, lax reference, kernel size); 16 channels, so oneDNN takes a blocked layout.
+  ops = [
+      (lambda x, k: onednn.conv_epilogue(x, k, bias, padding=pads, strides=(1, 1), relu=False),
+       lambda x, k: conv(x, k) + bias, 3),
+      (lambda x, k: onednn.conv(x, k, padding=pads, strides=(1, 1)), conv, 3),
+      (lambda x, k: onednn.conv_transpose(x, k, strides=(2, 2)),
+       lambda x, k: lax.conv_transpose(x, k, (2, 2), 'VALID', dimension_numbers=spec), 2),
+  ]
+  for op, reference, size in ops:
+    first = _random(2, (size, size, 16, 16), 0.3)
+    second = first.copy()
+    second[-1, -1, -1, -1] += 1.0
+    fn = jax.jit(op)
+    outputs = []
+    for kernel in (first, first, second, first, second):
+      got = np.asarray(fn(x, kernel))
+      assert _relative_error(got, reference(x, kernel)) < 1e-5
+      outputs.append(got)
+    assert not np.allclose(outputs[1], outputs[2])  # the change reaches the output
+
+
 def test_conv_under_vmap_and_rejections():
   x, kernel = _random(0, (3, 2, 6, 6, 4)), _random(1, (3, 3, 4, 5))
   pads = ((1, 1), (1, 1))
