@@ -88,9 +88,11 @@ def one_process_run(tmp_path_factory):
   return str(workdir)
 
 
-def test_two_processes_train_like_one(one_process_run, storage_root):
-  """Two processes on one mesh match one process; in a bucket too, where only process 0 writes
-  the run's files."""
+def test_two_processes_train_like_one(one_process_run, bucket):
+  """Two processes on one mesh match one process, with the workdir in a bucket, where only
+  process 0 writes the run's files. (A local workdir takes the same path through
+  unet_jax/storage.py; the bucket is the case that also checks the single writer.)"""
+  storage_root = bucket
   common = TWO_PROCESS_RUN
   port = _free_port()
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4')
