@@ -92,13 +92,12 @@ def test_two_processes_train_like_one(one_process_run, bucket):
   """Two processes on one mesh match one process, with the workdir in a bucket, where only
   process 0 writes the run's files. (A local workdir takes the same path through
   unet_jax/storage.py; the bucket is the case that also checks the single writer.)"""
-  storage_root = bucket
   common = TWO_PROCESS_RUN
   port = _free_port()
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4')
   procs = [subprocess.Popen(
       [sys.executable, os.path.join(ROOT, 'launch.py'),
-       f'--workdir={storage.join(storage_root, "two")}', *common,
+       f'--workdir={storage.join(bucket, "two")}', *common,
        f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}'],
       cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
            for i in range(2)]
@@ -110,7 +109,7 @@ def test_two_processes_train_like_one(one_process_run, bucket):
   losses = lambda d: [r['train/loss'] for r in
                       metric_writers.read_jsonl(storage.join(d, 'metrics.jsonl'))
                       if 'train/loss' in r]
-  two_dir = storage.join(storage_root, 'two')
+  two_dir = storage.join(bucket, 'two')
   # One record per step: a second writer would have appended its own.
   np.testing.assert_allclose(losses(two_dir), losses(one_process_run), rtol=1e-5)
   one = json.load(open(os.path.join(one_process_run, 'final_metrics.json')))

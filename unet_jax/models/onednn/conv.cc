@@ -106,15 +106,22 @@ struct Deconvolution {
   static constexpr dnnl::algorithm kAlgorithm = dnnl::algorithm::deconvolution_direct;
 };
 
+// A forward primitive's kernel: `reorder` from the caller's plain kernel into `buffer`, in the
+// layout the primitive chose (empty when it takes the plain kernel), and the plain kernel it was
+// last reordered from, so that an unchanged kernel is not reordered again (ReorderedKernel).
+struct ForwardKernel {
+  dnnl::reorder reorder;
+  dnnl::memory buffer;
+  std::vector<char> source;
+};
+
 // One geometry's primitives. The backward ones are made on the first backward call, so a
 // forward-only program (inference) never pays for them.
 template <typename Kind>
 struct Conv {
   typename Kind::Fwd::primitive_desc fwd_pd;
   typename Kind::Fwd fwd;
-  dnnl::reorder to_fwd_kernel;  // plain kernel → fwd_pd's layout
-  dnnl::memory fwd_kernel;
-  std::vector<char> fwd_kernel_source;  // the plain kernel fwd_kernel was reordered from
+  ForwardKernel fwd_kernel;
 
   bool has_backward = false;
   typename Kind::BwdData::primitive_desc bwd_data_pd;
@@ -135,9 +142,7 @@ using Cache = std::map<std::vector<int64_t>, std::unique_ptr<Conv<Kind>>>;
 struct Epilogue {
   dnnl::convolution_forward::primitive_desc fwd_pd;
   dnnl::convolution_forward fwd;
-  dnnl::reorder to_fwd_kernel;
-  dnnl::memory fwd_kernel;
-  std::vector<char> fwd_kernel_source;
+  ForwardKernel fwd_kernel;
 };
 using EpilogueCache = std::map<std::vector<int64_t>, std::unique_ptr<Epilogue>>;
 
@@ -203,19 +208,19 @@ dnnl::memory Reordered(dnnl::reorder& reorder, dnnl::memory& from, dnnl::memory&
   return to;
 }
 
-// `Reordered` for a forward kernel, skipped while the caller's kernel holds the same bytes as at
-// the last reorder into `to` (kept in `last`): inference runs every tile batch with one set of
-// weights, and the reorders were ~5% of its oneDNN time. A training step changes every kernel,
-// so there the comparison stops at the first bytes.
-dnnl::memory ReorderedKernel(dnnl::reorder& reorder, dnnl::memory& from, dnnl::memory& to,
-                             std::vector<char>& last, dnnl::stream& stream) {
-  if (!reorder) return from;
-  const size_t bytes = from.get_desc().get_size();
-  const char* data = static_cast<const char*>(from.get_data_handle());
-  if (last.size() == bytes && std::memcmp(last.data(), data, bytes) == 0) return to;
-  reorder.execute(stream, from, to);
+// `Reordered` for a forward kernel, skipped while the caller's kernel `plain` holds the same
+// bytes as at the last reorder: inference runs every tile batch with one set of weights, and the
+// reorders were ~5% of its oneDNN time. A training step changes every kernel, so there the
+// comparison stops at the first bytes.
+dnnl::memory ReorderedKernel(ForwardKernel& kernel, dnnl::memory& plain, dnnl::stream& stream) {
+  if (!kernel.reorder) return plain;
+  const size_t bytes = plain.get_desc().get_size();
+  const char* data = static_cast<const char*>(plain.get_data_handle());
+  std::vector<char>& last = kernel.source;
+  if (last.size() == bytes && std::memcmp(last.data(), data, bytes) == 0) return kernel.buffer;
+  kernel.reorder.execute(stream, plain, kernel.buffer);
   last.assign(data, data + bytes);
-  return to;
+  return kernel.buffer;
 }
 
 // Prepares `reorder` from the plain kernel into `layout` and the `buffer` it writes, unless
@@ -237,7 +242,8 @@ Conv<Kind>& Forward(State& state, const Geometry& g) {
       state.engine, dnnl::prop_kind::forward_training, Kind::kAlgorithm, g.Activations(g.src),
       g.AnyKernel(), g.Activations(g.dst), g.strides, g.pad_lo, g.pad_hi, UserScratchpad());
   conv->fwd = typename Kind::Fwd(conv->fwd_pd);
-  KernelInto(state, g, conv->fwd_pd.weights_desc(), conv->to_fwd_kernel, conv->fwd_kernel);
+  KernelInto(state, g, conv->fwd_pd.weights_desc(), conv->fwd_kernel.reorder,
+             conv->fwd_kernel.buffer);
   slot = std::move(conv);
   return *slot;
 }
@@ -308,8 +314,7 @@ ffi::Error ForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
   return Guarded([&](State& state) {
     Conv<Kind>& conv = Forward<Kind>(state, g);
     auto user_kernel = Wrap(g.PlainKernel(), state.engine, kernel.untyped_data());
-    auto weights = ReorderedKernel(conv.to_fwd_kernel, user_kernel, conv.fwd_kernel,
-                                   conv.fwd_kernel_source, state.stream);
+    auto weights = ReorderedKernel(conv.fwd_kernel, user_kernel, state.stream);
     Execute(state, conv.fwd, conv.fwd_pd,
             {{DNNL_ARG_SRC, Wrap(g.Activations(g.src), state.engine, x.untyped_data())},
              {DNNL_ARG_WEIGHTS, weights},
@@ -334,7 +339,7 @@ Epilogue& ForwardEpilogue(State& state, const Geometry& g, bool relu) {
       g.Activations(g.src), g.AnyKernel(), g.Bias(), g.Activations(g.dst), g.strides, g.pad_lo,
       g.pad_hi, attributes);
   conv->fwd = dnnl::convolution_forward(pd);
-  KernelInto(state, g, pd.weights_desc(), conv->to_fwd_kernel, conv->fwd_kernel);
+  KernelInto(state, g, pd.weights_desc(), conv->fwd_kernel.reorder, conv->fwd_kernel.buffer);
   slot = std::move(conv);
   return *slot;
 }
@@ -350,8 +355,7 @@ ffi::Error ForwardEpilogueImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> ke
   return Guarded([&](State& state) {
     Epilogue& conv = ForwardEpilogue(state, g, relu != 0);
     auto user_kernel = Wrap(g.PlainKernel(), state.engine, kernel.untyped_data());
-    auto weights = ReorderedKernel(conv.to_fwd_kernel, user_kernel, conv.fwd_kernel,
-                                   conv.fwd_kernel_source, state.stream);
+    auto weights = ReorderedKernel(conv.fwd_kernel, user_kernel, state.stream);
     Execute(state, conv.fwd, conv.fwd_pd,
             {{DNNL_ARG_SRC, Wrap(g.Activations(g.src), state.engine, x.untyped_data())},
              {DNNL_ARG_WEIGHTS, weights},
