@@ -4,7 +4,7 @@ r"""Overlap-tile inference throughput in megapixels per second on one large imag
   python benchmarks/inference.py --budget=600        # measure more rows end to end
 
 Models: the paper U-Net (width 64, depth 4, VALID, 572×572 tiles → 388×388) and the CPU model
-of experiments/isbi.py:cpu (width 16, depth 4, SAME, batch norm, 128×128 tiles with 25 % Gaussian-
+of experiments/quickstart.py (width 16, depth 4, SAME, batch norm, 128×128 tiles with 25 % Gaussian-
 blended overlap, the predict driver's default; also with 512×512 tiles). Random weights: the
 speed does not depend on them.
 
