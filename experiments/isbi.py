@@ -16,7 +16,7 @@ needs 4.1 GiB and at least 7.3 ms (7.22 TFLOP per 8 tiles at 989 TFLOP/s), so th
 take at least 73 s of compute, a few minutes at the 30–50% of peak convolutions usually reach.
 
 The CPU variant is the best row of benchmarks/isbi_ablation.py that fits 10 minutes on a
-2-core machine: a small same-padding U-Net (width 16, five levels, batch norm, CE + Dice, 128²
+2-core machine: a small same-padding U-Net (width 16, depth 5, batch norm, CE + Dice, 128²
 crops, flips and 90° rotations), 2,150 steps, evaluated with the 8 flips/rotations averaged
 (eval.tta):
 
@@ -25,7 +25,7 @@ crops, flips and 90° rotations), 2,150 steps, evaluated with the 8 flips/rotati
 
 Expected result of the CPU variant (2-core AMD EPYC, mean of seeds 0 and 1): pixel error
 0.0766, membrane Dice 0.812, isbi_rand_error 0.049 and V_rand 0.984 on slices 25–29. Launch to
-final metrics it takes 80% of the time of the earlier four-level recipe's 3,500 steps (9.8
+final metrics it takes 80% of the time of the earlier depth-4 recipe's 3,500 steps (9.8
 minutes when that was timed; on 2026-12-03, when the VM ran 1.8× slower, 14.1 minutes
 against 17.6).
 `pixel_error` here is 1 − pixel accuracy of the argmax prediction, not the challenge's
@@ -186,8 +186,8 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   if arg == 'cpu':
     # The best row of benchmarks/isbi_ablation.py, given the steps that fit 10 minutes on 2
     # cores: the plain CPU U-Net (width 16, same padding, batch norm, CE + Dice, 128² crops,
-    # flips and 90° rotations) with a fifth level, evaluated with the 8 flips/rotations
-    # averaged. The fifth level costs 1.3× per step and lowers the Rand error.
+    # flips and 90° rotations) at depth 5, evaluated with the 8 flips/rotations averaged.
+    # The fifth pooling level costs 1.3× per step and lowers the Rand error.
     config.num_steps = 2150
     config.batch_size = 4
     config.eval_batch_size = 5

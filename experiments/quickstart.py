@@ -28,7 +28,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   config.num_steps = 600
   config.eval_every = 200
   config.eval.tta = 'none'  # the ISBI recipe's 8-pass evaluation is not needed here
-  config.model.depth = 4  # 128² crops of 256² images need no fifth level
+  config.model.depth = 4  # 128² crops of 256² images need no fifth pooling level
   if arg == 'smoke':
     config.num_steps = 4
     config.log_every = 2
