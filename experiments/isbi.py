@@ -27,10 +27,9 @@ Expected result of the CPU variant (2-core AMD EPYC, mean of seeds 0 and 1): pix
 0.0766, membrane Dice 0.812, isbi_rand_error 0.049 and V_rand 0.984 on slices 25–29. Launch to
 final metrics it takes 80% of the time of the earlier depth-4 recipe's 3,500 steps (9.8
 minutes when that was timed; on 2026-12-03, when the VM ran 1.8× slower, 14.1 minutes
-against 17.6).
-`pixel_error` here is 1 − pixel accuracy of the argmax prediction, not the challenge's
-thresholded F-score form. For scale, predicting "all interior" gives pixel error 0.20 and
-membrane Dice 0.
+against 17.6). `pixel_error` here is 1 − pixel accuracy of the argmax prediction, not the
+challenge's thresholded F-score form. For scale, predicting "all interior" gives pixel error
+0.20 and membrane Dice 0.
 """
 
 from __future__ import annotations
