@@ -72,6 +72,44 @@ def _free_port():
     return s.getsockname()[1]
 
 
+# Each process sums its rows of a global batch; process 1 reaches the program 35 s late, past the
+# 30 s that CPU collectives (gloo) give a new device group to meet.
+_LATE_PROCESS = """
+import sys, time
+import jax, numpy as np
+port, pid, wrap = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == 'wrap'
+jax.distributed.initialize(f'127.0.0.1:{port}', num_processes=2, process_id=pid)
+from unet_jax import sharding
+mesh = sharding.make_mesh()
+total = jax.jit(lambda x: x.sum(), in_shardings=sharding.batch_sharding(mesh),
+                out_shardings=sharding.replicated(mesh))
+if wrap:
+  total = sharding.compile_then_wait(total, 'sum compiled')
+rows = sharding.to_global(np.arange(2, dtype=np.float32) + 2 * pid, mesh)
+if pid == 1:
+  time.sleep(35)
+print('total', float(total(rows)), flush=True)
+"""
+
+
+def _late_process_run(wrap):
+  port = _free_port()
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  procs = [subprocess.Popen([sys.executable, '-c', _LATE_PROCESS, str(port), str(i),
+                             'wrap' if wrap else 'plain'], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  return [(p.communicate(timeout=300)[0], p.returncode) for p in procs]
+
+
+def test_a_process_that_arrives_late_at_the_first_collective_is_waited_for():
+  # Without compile_then_wait, process 0 fails after 30 s ("Gloo context initialization
+  # failed"); the launcher's first barrier and train step rely on this wait.
+  for output, returncode in _late_process_run(wrap=True):
+    assert returncode == 0, output[-3000:]
+    assert 'total 6.0' in output, output[-3000:]  # 0 + 1 + 2 + 3 over both processes
+
+
 TWO_PROCESS_RUN = ['--config=' + os.path.join(ROOT, 'experiments/quickstart.py') + ':smoke',
                    '--config.num_steps=6', '--config.log_every=1', '--config.eval_every=3']
 

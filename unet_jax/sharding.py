@@ -9,10 +9,12 @@ CPU devices and a multi-host TPU slice: each process hands over only its local s
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import itertools
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = 'data'
@@ -96,3 +98,42 @@ def to_global(batch: Any, mesh: Mesh) -> Any:
   """Assembles each process's local numpy batch into one globally sharded jax.Array tree."""
   sharding = batch_sharding(mesh)
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+
+
+# Every process passes the same barriers in the same order; the count keeps each one's key new.
+_barriers = itertools.count()
+
+
+def wait_for_all_processes(name: str, *, timeout_s: float = 1800.0) -> None:
+  """Blocks until every process reaches the barrier `name`; no-op for one process.
+
+  CPU collectives (gloo) give the processes of a new device group 30 s to meet at its first
+  collective and then fail with "Gloo context initialization failed". Processes drift further
+  apart than that when loading data or compiling takes them unequal time (a loaded host, a
+  compilation cache hit on one of them). The coordination service's barrier waits as long as
+  start-up may take, so processes meet here first and reach the collective together.
+  """
+  if jax.process_count() > 1:
+    ocp.multihost.get_barrier_sync_fn()(key=f'unet_jax:{next(_barriers)}:{name}',
+                                        timeout_ms=int(timeout_s * 1000))
+
+
+def compile_then_wait(jitted: Callable, name: str) -> Callable:
+  """`jitted` for a program whose arguments keep their shapes and shardings (the train step).
+
+  With more than one process the first call compiles ahead of time, waits for every process
+  to finish compiling (`wait_for_all_processes`) and only then runs, so compile times that
+  differ between processes never count against the first collective's deadline.
+  """
+  if jax.process_count() == 1:
+    return jitted
+  compiled = None
+
+  def call(*args):
+    nonlocal compiled
+    if compiled is None:
+      compiled = jitted.lower(*args).compile()
+      wait_for_all_processes(name)
+    return compiled(*args)
+
+  return call

@@ -183,6 +183,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, *, restart: bool,
   train_iter = pipeline.train_iterator(
       train_set, config.data, batch_size=local_batch, border=setup.border, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count())
+  # The checkpoint manager's first barrier is the run's first collective.
+  sharding.wait_for_all_processes('run start')
   manager = checkpointing.run_manager(config, workdir)
   restored = checkpointing.restore_latest(manager, setup.abstract_state, restart=restart)
   extra = {}
@@ -200,7 +202,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, *, restart: bool,
              'resuming' if start_step else 'starting', start_step, len(train_set), len(val_set),
              mesh.size, f'{sum(x.size for x in jax.tree.leaves(state.params)):,}')
 
-  step_fn = train_step.make_step_fn(config, setup)
+  step_fn = sharding.compile_then_wait(train_step.make_step_fn(config, setup),
+                                       'train step compiled')
   eval_fn = evaluator.make_eval_fn(setup.model, mesh, len(config.data.class_names),
                                    tta=config.eval.tta)
   extras = evaluator.extra_metrics(config)
