@@ -97,7 +97,7 @@ def device_augment_rate(config, batch, repeats: int = 5) -> float:
 
 
 def step_rate(config, setup: train_step.Setup, batch, repeats: int) -> float:
-  state = jax.jit(setup.init_fn, out_shardings=setup.state_sharding)(jax.random.key(0))
+  state = train_step.initial_state(setup, 0)
   step = train_step.make_step_fn(config, setup)
   global_batch = sharding.to_global(batch, setup.mesh)
   state, metrics = step(state, global_batch, jax.random.key(0))

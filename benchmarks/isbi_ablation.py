@@ -115,7 +115,7 @@ def calibrate(config, *, min_seconds: float = 20.0, min_steps: int = 8) -> tuple
   train_set, val_set = sources.split_dataset(dataset, config.data)
   setup = train_step.build(config, input_channels=dataset.images.shape[-1],
                            spatial_rank=dataset.labels.ndim - 1)
-  state = jax.jit(setup.init_fn, out_shardings=setup.state_sharding)(jax.random.key(0))
+  state = train_step.initial_state(setup, 0)
   batches = pipeline.train_iterator(train_set, config.data, batch_size=config.batch_size,
                                     border=setup.border, seed=0)
   step_fn = train_step.make_step_fn(config, setup)

@@ -29,7 +29,7 @@ def _config(data, fsdp=1):
 
 def _trained_state(config):
   setup = train_step.build(config, input_channels=1, spatial_rank=2)
-  state = jax.jit(setup.init_fn, out_shardings=setup.state_sharding)(jax.random.key(0))
+  state = train_step.initial_state(setup, 0)
   step = train_step.make_step_fn(config, setup)
   rng = np.random.default_rng(0)
   image = rng.normal(size=(8, 32, 32, 1)).astype(np.float32)

@@ -32,7 +32,7 @@ def _smoke_config(**overrides):
 def _setup(config, devices):
   config.mesh.data = devices
   setup = train_step.build(config, input_channels=1, spatial_rank=2)
-  state = jax.jit(setup.init_fn, out_shardings=setup.state_sharding)(jax.random.key(0))
+  state = train_step.initial_state(setup, 0)
   return setup, state, train_step.make_step_fn(config, setup)
 
 
@@ -40,6 +40,17 @@ def _batch(n=8, size=32, seed=0):
   rng = np.random.default_rng(seed)
   image = rng.normal(size=(n, size, size, 1)).astype(np.float32)
   return {'image': image, 'label': (image[..., 0] > 0.3).astype(np.int32)}
+
+
+def test_the_fast_compiled_initial_state_equals_the_default_compile_bit_for_bit():
+  config = _smoke_config()
+  config.model.width, config.model.depth, config.mesh.data = 2, 1, 8
+  setup = train_step.build(config, input_channels=1, spatial_rank=2)
+  fast = jax.device_get(train_step.initial_state(setup, 3))
+  default = jax.device_get(jax.jit(setup.init_fn, out_shardings=setup.state_sharding)(
+      jax.random.key(3)))
+  assert jax.tree.structure(fast) == jax.tree.structure(default)
+  jax.tree.map(np.testing.assert_array_equal, fast, default)
 
 
 @functools.cache  # the one-device reference of a norm serves every mesh it is compared with

@@ -93,7 +93,7 @@ def _smoke(**overrides):
 def _run_steps(config, batches, devices=8):
   config.mesh.data = devices
   setup = train_step.build(config, input_channels=1, spatial_rank=2)
-  state = jax.jit(setup.init_fn, out_shardings=setup.state_sharding)(jax.random.key(0))
+  state = train_step.initial_state(setup, 0)
   step = train_step.make_step_fn(config, setup)
   metrics = []
   for batch in batches:

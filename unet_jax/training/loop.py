@@ -178,7 +178,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, *, restart: bool,
   setup = train_step.build(config, input_channels=dataset.images.shape[-1],
                 spatial_rank=dataset.labels.ndim - 1)
   mesh = setup.mesh
-  state = jax.jit(setup.init_fn, out_shardings=setup.state_sharding)(jax.random.key(config.seed))
+  state = train_step.initial_state(setup, config.seed)
   local_batch = config.batch_size // jax.process_count()
   train_iter = pipeline.train_iterator(
       train_set, config.data, batch_size=local_batch, border=setup.border, seed=config.seed,

@@ -165,6 +165,20 @@ def build(config: ml_collections.ConfigDict, *, input_channels: int, spatial_ran
                checkpointing.abstract_with_shardings(abstract, state_sharding), border)
 
 
+# XLA:CPU spends ~20 s optimising the init program's threefry random-number code at its default
+# LLVM level (2); level 1 compiles it 6× faster to the same bits (checked leaf by leaf), and the
+# program runs once.
+_CPU_INIT_COMPILER_OPTIONS = {'xla_backend_optimization_level': 1}
+
+
+def initial_state(setup: Setup, seed: int) -> TrainState:
+  """The real train state of `setup`, initialised from `seed` and laid out on its mesh."""
+  init = jax.jit(setup.init_fn, out_shardings=setup.state_sharding)
+  rng = jax.random.key(seed)
+  on_cpu = {d.platform for d in setup.mesh.devices.flat} == {'cpu'}
+  return init.lower(rng).compile(_CPU_INIT_COMPILER_OPTIONS if on_cpu else None)(rng)
+
+
 def make_step_fn(config: ml_collections.ConfigDict, setup: Setup) -> Callable:
   """The jitted, sharded train step with the config's statics bound; the state is donated."""
   step = functools.partial(
