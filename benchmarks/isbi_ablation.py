@@ -55,7 +55,8 @@ PLAIN = {
     'batch_size': 4, 'eval_batch_size': 5, 'data.crop_size': 128, 'data.crop': 'random',
     'data.augment': 'flip|rot90', 'data.weight_map.enabled': False, 'model.width': 16,
     'model.depth': 4, 'model.padding': 'SAME', 'model.norm': 'batch', 'model.dropout_rate': 0.0,
-    'optimizer.learning_rate': 2e-3, 'optimizer.warmup_steps': 50, 'eval.tta': 'none',
+    'optimizer.learning_rate': 2e-3, 'optimizer.warmup_steps': 50, 'optimizer.ema_decay': 0.0,
+    'eval.tta': 'none',
 }
 ELASTIC = {'data.augment': 'elastic(p=0.9, sigma=10, grid=3)|flip|rot90'}
 WEIGHT_MAP = {'data.weight_map.enabled': True, 'data.weight_map.w0': 10.0,

@@ -1,6 +1,9 @@
 """Test setup: 8 simulated CPU devices (set before jax is imported), a persistent compilation
 cache for the session, and the shared data paths.
 
+The suite runs on two workers (`python -m pytest -q -n 2 tests`, pytest-xdist); each worker
+has its own module-scoped fixtures, so a module's trained run may be built by both.
+
 The package is imported as installed (`pip install -e .`); `python -m pytest` from the checkout
 also finds the configs in experiments/.
 """
@@ -10,7 +13,11 @@ import os
 import shutil
 import tempfile
 
-os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+# LLVM level 1 instead of XLA's default 2: the suite compiles hundreds of small programs that
+# then run for milliseconds, and level 2 spends most of their time optimising them. Launches
+# outside the tests keep XLA's default.
+os.environ.setdefault(
+    'XLA_FLAGS', '--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=1')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # One persistent XLA cache for the session, inherited by every launcher the tests start: most
 # of them run the same smoke programs, and compiling those again is most of a launch's time.

@@ -346,7 +346,6 @@ def test_hausdorff_validation():
 
 def test_hausdorff_accumulator_averages_per_image_distances():
   names = ['bg', 'cell', 'border']
-  rng = np.random.default_rng(8)
   labels = np.stack([_blobs(s, (20, 22)).astype(np.int32) + 2 * _blobs(s + 10, (20, 22))
                      for s in range(4)]).clip(0, 2).astype(np.int32)
   predictions = np.roll(labels, shift=1, axis=2)

@@ -17,7 +17,7 @@ import numpy as np
 import optax
 import pytest
 
-from unet_jax.models import (MODELS, UNETR, AttentionUNet, MultiResUNet, ResUNet, UNet,
+from unet_jax.models import (MODELS, UNETR, AttentionUNet, MultiResUNet, UNet,
                              UNetPlusPlus, blocks, build_model)
 from unet_jax.models.attention_unet import AttentionGate
 

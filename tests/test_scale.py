@@ -17,6 +17,8 @@ from unet_jax import sharding
 from unet_jax import storage
 from unet_jax.training import train_step
 
+import simulated_devices  # tests/ helper
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -94,7 +96,7 @@ print('total', float(total(rows)), flush=True)
 
 def _late_process_run(wrap):
   port = _free_port()
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  env = dict(os.environ, XLA_FLAGS=simulated_devices.xla_flags(1))
   procs = [subprocess.Popen([sys.executable, '-c', _LATE_PROCESS, str(port), str(i),
                              'wrap' if wrap else 'plain'], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -121,7 +123,7 @@ def one_process_run(tmp_path_factory):
   single = subprocess.run(
       [sys.executable, os.path.join(ROOT, 'launch.py'), f'--workdir={workdir}', *TWO_PROCESS_RUN],
       cwd=ROOT, capture_output=True, text=True, timeout=600,
-      env=dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8'))
+      env=dict(os.environ, XLA_FLAGS=simulated_devices.xla_flags(8)))
   assert single.returncode == 0, single.stderr
   return str(workdir)
 
@@ -132,7 +134,7 @@ def test_two_processes_train_like_one(one_process_run, bucket):
   unet_jax/storage.py; the bucket is the case that also checks the single writer.)"""
   common = TWO_PROCESS_RUN
   port = _free_port()
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4')
+  env = dict(os.environ, XLA_FLAGS=simulated_devices.xla_flags(4))
   procs = [subprocess.Popen(
       [sys.executable, os.path.join(ROOT, 'launch.py'),
        f'--workdir={storage.join(bucket, "two")}', *common,

@@ -27,6 +27,8 @@ from unet_jax.training import workdir as workdir_lib
 from unet_jax.tuning import space as space_lib
 from unet_jax.tuning import study_storage as storage_lib
 
+import simulated_devices  # tests/ helper
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PG_BIN = '/usr/lib/postgresql/15/bin'
 COMPLETE, FAIL, PRUNED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL,
@@ -341,7 +343,7 @@ def test_a_trial_spans_the_processes_of_a_multi_host_worker(tmp_path):
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
     port = s.getsockname()[1]
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4')
+  env = dict(os.environ, XLA_FLAGS=simulated_devices.xla_flags(4))
   workdir = tmp_path / 'sweep'
   processes = [subprocess.Popen(
       [sys.executable, os.path.join(ROOT, 'launch.py'), f'--config={config}',
