@@ -79,14 +79,13 @@ def _free_port():
 _LATE_PROCESS = """
 import sys, time
 import jax, numpy as np
-port, pid, wrap = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == 'wrap'
+port, pid = int(sys.argv[1]), int(sys.argv[2])
 jax.distributed.initialize(f'127.0.0.1:{port}', num_processes=2, process_id=pid)
 from unet_jax import sharding
 mesh = sharding.make_mesh()
-total = jax.jit(lambda x: x.sum(), in_shardings=sharding.batch_sharding(mesh),
-                out_shardings=sharding.replicated(mesh))
-if wrap:
-  total = sharding.compile_then_wait(total, 'sum compiled')
+total = sharding.compile_then_wait(
+    jax.jit(lambda x: x.sum(), in_shardings=sharding.batch_sharding(mesh),
+            out_shardings=sharding.replicated(mesh)), 'sum compiled')
 rows = sharding.to_global(np.arange(2, dtype=np.float32) + 2 * pid, mesh)
 if pid == 1:
   time.sleep(35)
@@ -94,20 +93,15 @@ print('total', float(total(rows)), flush=True)
 """
 
 
-def _late_process_run(wrap):
-  port = _free_port()
-  env = dict(os.environ, XLA_FLAGS=simulated_devices.xla_flags(1))
-  procs = [subprocess.Popen([sys.executable, '-c', _LATE_PROCESS, str(port), str(i),
-                             'wrap' if wrap else 'plain'], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i in range(2)]
-  return [(p.communicate(timeout=300)[0], p.returncode) for p in procs]
-
-
 def test_a_process_that_arrives_late_at_the_first_collective_is_waited_for():
   # Without compile_then_wait, process 0 fails after 30 s ("Gloo context initialization
-  # failed"); the launcher's first barrier and train step rely on this wait.
-  for output, returncode in _late_process_run(wrap=True):
+  # failed"); the checkpoint manager's barrier and the train step rely on this wait.
+  port = _free_port()
+  env = dict(os.environ, XLA_FLAGS=simulated_devices.xla_flags(1))
+  procs = [subprocess.Popen([sys.executable, '-c', _LATE_PROCESS, str(port), str(i)], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  for output, returncode in [(p.communicate(timeout=300)[0], p.returncode) for p in procs]:
     assert returncode == 0, output[-3000:]
     assert 'total 6.0' in output, output[-3000:]  # 0 + 1 + 2 + 3 over both processes
 

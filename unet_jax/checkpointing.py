@@ -132,6 +132,9 @@ def make_manager(directory: str, *, keep_best: int, best_metric: str, best_mode:
       best_fn=metric, best_mode=best_mode,  # so that manager.best_step() names the best
       cleanup_tmp_directories=True,  # debris of a write that was killed half way
   )
+  # Creating the manager runs Orbax's first barrier, a collective: every process arrives
+  # here from its own data loading and compiling, so they meet first.
+  sharding.wait_for_all_processes('checkpoint manager')
   return ocp.CheckpointManager(storage.absolute(directory), options=options,
                                item_names=('state', 'data'))
 

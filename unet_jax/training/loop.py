@@ -183,8 +183,6 @@ def _train(config: ml_collections.ConfigDict, workdir: str, *, restart: bool,
   train_iter = pipeline.train_iterator(
       train_set, config.data, batch_size=local_batch, border=setup.border, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count())
-  # The checkpoint manager's first barrier is the run's first collective.
-  sharding.wait_for_all_processes('run start')
   manager = checkpointing.run_manager(config, workdir)
   restored = checkpointing.restore_latest(manager, setup.abstract_state, restart=restart)
   extra = {}
