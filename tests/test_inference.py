@@ -113,20 +113,34 @@ SAME_IDENTITY = tiling.TileGeometry(output_size=lambda s: s, valid_input_size=la
                                     size_multiple=4)
 
 
+@pytest.mark.parametrize('pipelined', [False, True])
 @pytest.mark.parametrize('shape,tile,overlap,blend', [
     ((37, 50), 16, 0.5, 'gaussian'),
     ((37, 50), 16, 0.25, 'constant'),
     ((9, 6), 16, 0.25, 'gaussian'),      # smaller than one tile
     ((13, 21, 10), 8, 0.5, 'gaussian'),  # a volume
 ])
-def test_same_tiles_stitch_to_the_whole_image_function(shape, tile, overlap, blend):
+def test_same_tiles_stitch_to_the_whole_image_function(shape, tile, overlap, blend, pipelined):
   image = np.random.default_rng(0).normal(size=(*shape, 1)).astype(np.float32)
   predictor = tiled.TiledPredictor(_pixelwise, {}, geometry=SAME_IDENTITY, tile_size=tile,
-                                       batch_size=3, overlap=overlap, blend=blend)
+                                   batch_size=3, overlap=overlap, blend=blend,
+                                   pipelined=pipelined)
   assert len(predictor.plan(shape)) > 1 or max(shape) <= tile
   probs = predictor(image)
   assert probs.shape == (*shape, 3) and probs.dtype == np.float32
   np.testing.assert_allclose(probs, _softmax(np.asarray(_pixelwise(None, image))), atol=1e-6)
+
+
+def test_pipelined_and_one_batch_at_a_time_predictions_are_identical():
+  model, variables = _valid_unet()
+  image = np.random.default_rng(4).normal(size=(70, 61, 1)).astype(np.float32)
+  default = tiled.TiledPredictor.for_model(model, variables, tile_size=44, batch_size=2)
+  # On CPU devices the host adds each batch after it ran: its copying would share the cores.
+  assert not default.pipelined
+  pipelined = tiled.TiledPredictor.for_model(model, variables, tile_size=44, batch_size=2,
+                                             pipelined=True)
+  assert len(default.plan(image.shape[:-1])) > 2 * default.batch_size
+  np.testing.assert_array_equal(pipelined(image), default(image))
 
 
 def _valid_unet(depth=2):

@@ -82,12 +82,16 @@ class TiledPredictor:
     blend: SAME nets only: 'gaussian' or 'constant' weights in overlaps.
     mesh: a `sharding.make_mesh` mesh (default: all devices); the variables are replicated.
     progress: show a progress bar over the tile batches of images that need more than one.
+    pipelined: add each batch's probabilities into the image while the next batch runs. None
+      (default): only when the mesh is not CPU devices. On a CPU the host's copying shares the
+      cores with the computation: on 2 cores a 2048² image took 5% longer pipelined (2.98 s
+      against 2.82 s, width-16 U-Net, 31 batches of 4 × 256²).
   """
 
   def __init__(self, apply_fn: ApplyFn, variables: Any, *, geometry: tiling.TileGeometry,
                tile_size: int | Sequence[int], batch_size: int = 8, overlap: float = 0.25,
                blend: str = 'gaussian', mesh: jax.sharding.Mesh | None = None,
-               progress: bool = False):
+               progress: bool = False, pipelined: bool | None = None):
     for size in np.ravel(tile_size):
       geometry.check_tile_size(size)
     if blend not in tiling.BLENDS:
@@ -102,6 +106,9 @@ class TiledPredictor:
     self.blend = blend
     self.progress = progress
     self.mesh = mesh if mesh is not None else sharding.make_mesh()
+    if pipelined is None:
+      pipelined = self.mesh.devices.flat[0].platform != 'cpu'
+    self.pipelined = pipelined
     self.batch_size = tile_batch_size(batch_size, self.mesh)
     self._batch_sharding = sharding.batch_sharding(self.mesh)
     self._variables = jax.device_put(variables, sharding.replicated(self.mesh))
@@ -169,7 +176,11 @@ class TiledPredictor:
       if pending is not None:  # add the previous batch while this one runs
         self._accumulate(accumulator, *pending, spatial, plan.output_shape, weights)
       pending = (outputs, chunk)
-    self._accumulate(accumulator, *pending, spatial, plan.output_shape, weights)
+      if not self.pipelined:
+        self._accumulate(accumulator, *pending, spatial, plan.output_shape, weights)
+        pending = None
+    if pending is not None:
+      self._accumulate(accumulator, *pending, spatial, plan.output_shape, weights)
     if weights is None:
       return accumulator['sum']
     return accumulator['sum'] / accumulator['weight'][..., None]
