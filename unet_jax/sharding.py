@@ -81,6 +81,11 @@ def process_count(devices: Mesh | Sequence[Any]) -> int:
   return len({d.process_index for d in devices})
 
 
+def on_cpu(mesh: Mesh) -> bool:
+  """Whether every device of `mesh` is a CPU device (the host's own cores do the work)."""
+  return {d.platform for d in mesh.devices.flat} == {'cpu'}
+
+
 def check_batch_size(global_batch: int, mesh: Mesh, *, field: str) -> int:
   """Returns each process's share of `global_batch`, or a clear error naming `field`."""
   size = mesh.shape[DATA_AXIS] * mesh.shape[FSDP_AXIS]

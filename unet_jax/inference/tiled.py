@@ -106,9 +106,7 @@ class TiledPredictor:
     self.blend = blend
     self.progress = progress
     self.mesh = mesh if mesh is not None else sharding.make_mesh()
-    if pipelined is None:
-      pipelined = self.mesh.devices.flat[0].platform != 'cpu'
-    self.pipelined = pipelined
+    self.pipelined = not sharding.on_cpu(self.mesh) if pipelined is None else pipelined
     self.batch_size = tile_batch_size(batch_size, self.mesh)
     self._batch_sharding = sharding.batch_sharding(self.mesh)
     self._variables = jax.device_put(variables, sharding.replicated(self.mesh))
@@ -162,7 +160,11 @@ class TiledPredictor:
     tiles = plan.tiles()
     weights = tiling.blend_weights(plan.output_shape, self.blend) if plan.blended else None
     accumulator: dict[str, np.ndarray] = {}
-    pending = None
+    add = functools.partial(self._accumulate, accumulator, spatial=spatial,
+                            expected=plan.output_shape, weights=weights)
+    # Batches run but not yet added: one while the next runs when pipelined, else none.
+    lag = 1 if self.pipelined else 0
+    pending: list[tuple[jax.Array, list[tiling.Tile]]] = []
     starts = range(0, len(tiles), self.batch_size)
     if self.progress and len(starts) > 1:
       from tqdm import tqdm  # pylint: disable=g-import-not-at-top  (an optional display)
@@ -172,15 +174,11 @@ class TiledPredictor:
       batch = np.zeros((self.batch_size, *plan.tile_shape, image.shape[-1]), np.float32)
       for i, tile in enumerate(chunk):
         batch[i] = padded[tile.input]
-      outputs = self._dispatch(batch)  # runs asynchronously
-      if pending is not None:  # add the previous batch while this one runs
-        self._accumulate(accumulator, *pending, spatial, plan.output_shape, weights)
-      pending = (outputs, chunk)
-      if not self.pipelined:
-        self._accumulate(accumulator, *pending, spatial, plan.output_shape, weights)
-        pending = None
-    if pending is not None:
-      self._accumulate(accumulator, *pending, spatial, plan.output_shape, weights)
+      pending.append((self._dispatch(batch), chunk))  # runs asynchronously
+      while len(pending) > lag:
+        add(*pending.pop(0))
+    for outputs, chunk in pending:
+      add(outputs, chunk)
     if weights is None:
       return accumulator['sum']
     return accumulator['sum'] / accumulator['weight'][..., None]

@@ -175,8 +175,8 @@ def initial_state(setup: Setup, seed: int) -> TrainState:
   """The real train state of `setup`, initialised from `seed` and laid out on its mesh."""
   init = jax.jit(setup.init_fn, out_shardings=setup.state_sharding)
   rng = jax.random.key(seed)
-  on_cpu = {d.platform for d in setup.mesh.devices.flat} == {'cpu'}
-  return init.lower(rng).compile(_CPU_INIT_COMPILER_OPTIONS if on_cpu else None)(rng)
+  options = _CPU_INIT_COMPILER_OPTIONS if sharding.on_cpu(setup.mesh) else None
+  return init.lower(rng).compile(options)(rng)
 
 
 def make_step_fn(config: ml_collections.ConfigDict, setup: Setup) -> Callable:
