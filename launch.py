@@ -114,7 +114,11 @@ def _show_project_logs():
 
 
 def _fail(message: str, status: int) -> None:
-  print(f'launch.py: error: {message}', file=sys.stderr)
+  # One write, so that a traceback another thread prints at the same moment (orbax and
+  # tensorstore report a failed save from their own threads, piece by piece) cannot split the
+  # line; the newline before it ends any line such a thread left unfinished.
+  sys.stderr.write(f'\nlaunch.py: error: {message}\n')
+  sys.stderr.flush()
   sys.exit(status)
 
 
