@@ -11,7 +11,8 @@ Every row is a config of this file, so one run of the study can be repeated by i
 
 Rows (ROWS): `plain` is the plain U-Net of the comparison (width 16, same padding, batch norm,
 CE + soft Dice, Adam with cosine decay, flips and 90° rotations, batch 4 of 128² crops); the
-others change only what their name says. `recipe` is experiments/isbi.py:cpu as it stands.
+others change only what their name says. `recipe` is experiments/isbi.py:cpu as it stands;
+`recipe_skeleton_recall` and `recipe_cldice` add a topology term to its loss.
 
 Same budget: before a row trains, its step time (input pipeline included) and its fixed costs
 (compile, the final evaluation) are measured here, and the row gets as many steps as fit the
@@ -71,24 +72,37 @@ def _valid(output: int) -> dict[str, object]:
                                  ).valid_input_size(output)}
 
 
-# Row name → overrides of PLAIN (None: experiments/isbi.py:cpu unchanged).
-ROWS: dict[str, dict[str, object] | None] = {
-    'plain': {},
-    'elastic': ELASTIC,
-    'weight_map': WEIGHT_MAP,
-    'valid_overlap_tile': _valid(128),
-    'crop_256': {'data.crop_size': 256},
-    'tta': {'eval.tta': 'dihedral'},
-    'foreground_crops': FOREGROUND,
-    'width_32': {'model.width': 32},
-    'paper_all': {**ELASTIC, **WEIGHT_MAP, **_valid(256), **FOREGROUND, 'eval.tta': 'dihedral'},
+def _plain(*changes: dict[str, object]) -> dict[str, object]:
+  """PLAIN with `changes` applied in order."""
+  merged = dict(PLAIN)
+  for change in changes:
+    merged.update(change)
+  return merged
+
+
+TTA = {'eval.tta': 'dihedral'}
+
+# Row name → overrides of experiments/isbi.py:cpu.
+ROWS: dict[str, dict[str, object]] = {
+    'plain': _plain(),
+    'elastic': _plain(ELASTIC),
+    'weight_map': _plain(WEIGHT_MAP),
+    'valid_overlap_tile': _plain(_valid(128)),
+    'crop_256': _plain({'data.crop_size': 256}),
+    'tta': _plain(TTA),
+    'foreground_crops': _plain(FOREGROUND),
+    'width_32': _plain({'model.width': 32}),
+    'paper_all': _plain(ELASTIC, WEIGHT_MAP, _valid(256), FOREGROUND, TTA),
     # Combinations of the rows that helped.
-    'crop_256_tta': {'data.crop_size': 256, 'eval.tta': 'dihedral'},
-    'crop_256_tta_elastic': {**ELASTIC, 'data.crop_size': 256, 'eval.tta': 'dihedral'},
-    'width_32_tta': {'model.width': 32, 'eval.tta': 'dihedral'},
-    'elastic_tta': {**ELASTIC, 'eval.tta': 'dihedral'},
-    'depth_5_tta': {'model.depth': 5, 'eval.tta': 'dihedral'},
-    'recipe': None,
+    'crop_256_tta': _plain({'data.crop_size': 256}, TTA),
+    'crop_256_tta_elastic': _plain(ELASTIC, {'data.crop_size': 256}, TTA),
+    'width_32_tta': _plain({'model.width': 32}, TTA),
+    'elastic_tta': _plain(ELASTIC, TTA),
+    'depth_5_tta': _plain({'model.depth': 5}, TTA),
+    'recipe': {},
+    # The recipe with a topology term (unet_jax/training/topology_losses.py) added to its loss.
+    'recipe_skeleton_recall': {'loss.terms.skeleton_recall': 1.0},
+    'recipe_cldice': {'loss.terms.cldice': 1.0},
 }
 # Rows that only change evaluation: they score the checkpoints of another row.
 EVAL_ONLY = {'tta': 'plain'}
@@ -102,9 +116,7 @@ LAUNCH_SECONDS = 25.0
 def get_config(row: str = 'plain'):
   if row not in ROWS:
     raise ValueError(f'benchmarks/isbi_ablation.py takes a row of {sorted(ROWS)}, got {row!r}')
-  config = overrides.load_config_file(ISBI_CPU)
-  if ROWS[row] is not None:
-    config = overrides.apply_overrides(config, {**PLAIN, **ROWS[row]})
+  config = overrides.apply_overrides(overrides.load_config_file(ISBI_CPU), ROWS[row])
   config.log_every = 50
   config.num_overlays = 2
   return config

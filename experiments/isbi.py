@@ -118,8 +118,12 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
       dict(patch_size=16, hidden_size=768, num_layers=12, num_heads=12, mlp_dim=3072))
 
   config.loss = ml_collections.ConfigDict()
-  # The paper: pixel-weighted cross-entropy alone. Weights of further terms (e.g. dice) add them.
-  config.loss.terms = ml_collections.ConfigDict({'cross_entropy': 1.0})
+  # The weight of every loss in unet_jax/training/losses.py LOSSES; 0 leaves a term out, so any
+  # of them is one flag away (--config.loss.terms.skeleton_recall=1). The paper: pixel-weighted
+  # cross-entropy alone.
+  config.loss.terms = ml_collections.ConfigDict(dict(
+      cross_entropy=1.0, binary_cross_entropy=0.0, focal=0.0, dice=0.0, jaccard=0.0, tversky=0.0,
+      focal_tversky=0.0, skeleton_recall=0.0, cldice=0.0))
   # Keyword options per term, e.g. {'focal': {'gamma': 2.0}}; see unet_jax/training/losses.py LOSSES.
   config.loss.options = ml_collections.ConfigDict()
   config.loss.deep_supervision_weights = ml_collections.FieldReference(None, field_type=tuple)
@@ -201,7 +205,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
     config.model.dropout_rate = 0.0
     config.data.augment = 'flip|rot90'
     config.data.weight_map.enabled = False
-    config.loss.terms = ml_collections.ConfigDict({'cross_entropy': 1.0, 'dice': 1.0})
+    config.loss.terms.dice = 1.0
     config.optimizer.learning_rate = 2e-3
     config.optimizer.warmup_steps = 50
     config.optimizer.ema_decay = 0.998

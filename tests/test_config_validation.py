@@ -8,6 +8,7 @@ subprocess test shows launch.py's one-line stderr and exit status 2.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 import subprocess
 import sys
@@ -133,8 +134,8 @@ def test_unknown_names_are_named_with_the_closest_and_every_valid_choice(path, v
      "of 'cross_entropy'; expected none"),
     ({'loss.terms': {'cross_entropy': 1.0, 'focal': 1.0}, 'loss.options': {'focal': {'gama': 2.0}}},
      'config.loss.options.focal.gama', "did you mean 'gamma'"),
-    ({'loss.options': {'focal': {'gamma': 1.0}}}, 'config.loss.options.focal',
-     'is not one of the terms of config.loss.terms'),
+    ({'loss.options': {'focall': {'gamma': 1.0}}}, 'config.loss.options.focall',
+     "is not one of the terms of config.loss.terms (did you mean 'focal'?)"),
     ({'data.augment': 'flip|elastc(p=0.5)'}, 'config.data.augment',
      "unknown op 'elastc' (did you mean 'elastic'?); expected ops from blur,"),
     ({'data.augment': 'flip(q=0.5)'}, 'config.data.augment', "op 'flip' has no keyword 'q'"),
@@ -340,3 +341,15 @@ def test_launch_prints_one_line_and_exits_2_before_building_anything(tmp_path):
     lines = process.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(expected), process.stderr
     assert not workdir.exists()  # failed before anything was built or written
+
+
+def test_every_row_of_the_isbi_ablation_is_a_valid_config():
+  path = os.path.join(ROOT, 'benchmarks', 'isbi_ablation.py')
+  spec = importlib.util.spec_from_file_location('isbi_ablation', path)
+  ablation = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(ablation)
+  for row in ablation.ROWS:
+    validation.validate(ablation.get_config(row), spatial_rank=2, data_paths=False,
+                        devices=jax.devices()[:1])  # the study runs on one CPU device
+  with_topology = ablation.get_config('recipe_skeleton_recall')
+  assert with_topology.loss.terms.skeleton_recall == 1.0 and with_topology.loss.terms.dice == 1.0

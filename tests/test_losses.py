@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.special
 
+from unet_jax.config import overrides
 from unet_jax.training import losses
 
 RTOL = 1e-5
@@ -660,6 +663,8 @@ def test_losses_registry():
       'jaccard': losses.soft_jaccard_loss,
       'tversky': losses.tversky_loss,
       'focal_tversky': losses.focal_tversky_loss,
+      'skeleton_recall': losses.skeleton_recall_loss,
+      'cldice': losses.soft_cldice_loss,
   }
 
 
@@ -762,3 +767,21 @@ def test_make_loss_deep_supervision_validation():
       losses.make_loss({'dice': 1.0}, deep_supervision_weights=bad)
   with pytest.raises(ValueError, match='do not match'):
     trace(losses.make_loss({'dice': 1.0}), (logits, logits[:, :2]))
+
+
+def test_a_term_of_weight_zero_is_off_and_may_keep_its_options():
+  labels = jnp.asarray(np.random.default_rng(0).integers(0, 2, (2, 8, 8)), jnp.int32)
+  logits = jax.random.normal(jax.random.key(0), (2, 8, 8, 2))
+  both = losses.make_loss({'cross_entropy': 1.0, 'focal': 0.0}, options={'focal': {'gamma': 3.0}})
+  alone = losses.make_loss({'cross_entropy': 1.0})
+  (total, parts), (expected, _) = both(logits, labels), alone(logits, labels)
+  assert set(parts) == {'cross_entropy'}
+  np.testing.assert_allclose(float(total), float(expected), rtol=1e-6)
+
+
+def test_the_configs_list_every_loss_so_one_flag_turns_it_on():
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  for arg, active in (('', {'cross_entropy'}), ('cpu', {'cross_entropy', 'dice'})):
+    config = overrides.load_config_file(os.path.join(root, 'experiments', 'isbi.py') + f':{arg}')
+    assert set(config.loss.terms) == set(losses.LOSSES)
+    assert {name for name, weight in config.loss.terms.items() if weight > 0} == active

@@ -20,6 +20,7 @@ from unet_jax import sharding
 from unet_jax.config import validation
 from unet_jax.training import loop
 from unet_jax.training import train_step
+from unet_jax.training import workdir
 from unet_jax.datasets import dataset as dataset_lib
 
 
@@ -265,6 +266,16 @@ def test_workdir_with_another_config_is_refused_unless_allowed(tmp_path):
     loop.train_and_evaluate(reweighted, str(tmp_path))
   loop.train_and_evaluate(reweighted, str(tmp_path), allow_config_change=True)
   assert json.load(open(tmp_path / 'final_metrics.json'))['step'] == 8
+
+
+def test_a_saved_config_that_does_not_list_a_loss_term_weighs_it_zero(tmp_path):
+  saved = json.loads(_smoke_config().to_json_best_effort())
+  saved['loss']['terms'] = {'cross_entropy': 1.0, 'dice': 1.0}  # a config of before
+  (tmp_path / 'config.json').write_text(json.dumps(saved))
+  assert workdir.config_differences(_smoke_config(), str(tmp_path)) == []
+  on = _smoke_config()
+  on.loss.terms.skeleton_recall = 1.0
+  assert workdir.config_differences(on, str(tmp_path)) == ['loss.terms.skeleton_recall: 0.0 → 1.0']
 
 
 def test_unwritable_workdir_is_a_clear_error(tmp_path):

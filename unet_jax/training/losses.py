@@ -1,9 +1,10 @@
 """Segmentation losses by name: the LOSSES table that config.loss.terms chooses from, and
 `make_loss`, which combines weighted terms, per-term options and deep supervision.
 
-The loss functions live in pixel_losses.py (cross-entropy, binary cross-entropy, focal) and
-region_losses.py (Dice, Jaccard, Tversky, focal Tversky); they are re-exported here so that
-`losses.soft_dice_loss` and `losses.LOSSES['dice']` name the same function.
+The loss functions live in pixel_losses.py (cross-entropy, binary cross-entropy, focal),
+region_losses.py (Dice, Jaccard, Tversky, focal Tversky) and topology_losses.py (skeleton
+recall, clDice); they are re-exported here so that `losses.soft_dice_loss` and
+`losses.LOSSES['dice']` name the same function.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from unet_jax.training.pixel_losses import (LossFn, compute_dtype, sigmoid_binar
                                             softmax_cross_entropy, softmax_focal_loss)
 from unet_jax.training.region_losses import (focal_tversky_loss, soft_dice_loss,
                                              soft_jaccard_loss, tversky_loss)
+from unet_jax.training.topology_losses import skeleton_recall_loss, soft_cldice_loss
 
 # The per-call keywords that make_loss passes itself; they are not term options.
 _SHARED_KEYWORDS = ('weights', 'ignore_label')
@@ -31,6 +33,8 @@ LOSSES: dict[str, Callable[..., jax.Array]] = {
     'jaccard': soft_jaccard_loss,
     'tversky': tversky_loss,
     'focal_tversky': focal_tversky_loss,
+    'skeleton_recall': skeleton_recall_loss,
+    'cldice': soft_cldice_loss,
 }
 
 
@@ -136,7 +140,7 @@ def make_loss(
 
   Args:
     terms: maps a name in `LOSSES` to its non-negative weight, e.g.
-      `{'cross_entropy': 1.0, 'dice': 0.5}`.
+      `{'cross_entropy': 1.0, 'dice': 0.5}`; a term of weight 0 is not computed.
     ignore_label: passed to every term.
     options: maps a term name to its keyword options, e.g.
       `{'focal': {'gamma': 2.0}, 'tversky': {'alpha': 0.3, 'beta': 0.7}}`; `loss_options(name)`
@@ -150,7 +154,7 @@ def make_loss(
     `(N, *spatial, C)` or a tuple/list of such arrays, one per head, all of the same shape as
     each other and matching `labels` `(N, *spatial)`. `weights` are optional pixel weights
     `(N, *spatial)`, used by the terms that take them (see `loss_options` and the module
-    docstring) and ignored by the others. `parts[name]` is the term's batch mean, combined over
+    docstring) and ignored by the others. `parts[name]`, for each term of positive weight, is its batch mean, combined over
     heads with the normalised head weights, and `total = sum(weight * parts[name])`; all are
     scalars.
 
@@ -160,8 +164,9 @@ def make_loss(
       take; if `deep_supervision_weights` is empty, negative, non-finite or sums to 0. At call
       time: if the number of heads differs from `len(deep_supervision_weights)`.
   """
-  checked = check_terms(terms)
-  term_options = check_options(options, checked)
+  # A weight of 0 turns a term off, so that a config can list every loss and a flag turn one on.
+  checked = {name: w for name, w in check_terms(terms).items() if w > 0}
+  term_options = check_options(options, terms)
   head_weights = _check_head_weights(deep_supervision_weights)
   takes_weights = {name: 'weights' in inspect.signature(LOSSES[name]).parameters
                    for name in checked}

@@ -18,6 +18,38 @@ import jax.numpy as jnp
 
 from unet_jax.training import pixel_losses
 
+
+def class_maps(
+    logits: jax.Array,
+    labels: jax.Array,
+    *,
+    include_background: bool,
+    ignore_label: int | None,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """Validates inputs and returns `(probs, targets, mask, bad)`.
+
+  `probs` are the softmax probabilities and `targets` the one-hot labels, `(N, *spatial, C')`
+  with C' = C, or C - 1 without the background class 0; `targets` are 0 on pixels that do not
+  count. `mask` `(N, *spatial, 1)` marks the pixels that count, and `bad` the undeclared
+  out-of-range labels (`pixel_losses.label_masks`).
+  """
+  logits = jnp.asarray(logits)
+  labels = jnp.asarray(labels)
+  pixel_losses.check_inputs(logits, labels)
+  num_classes = logits.shape[-1]
+  if not include_background and num_classes < 2:
+    raise ValueError(
+        f'include_background=False leaves no class to score: logits have {num_classes} class')
+  dtype = pixel_losses.compute_dtype(logits)
+  valid, bad = pixel_losses.label_masks(labels, num_classes, ignore_label)
+  mask = valid[..., None].astype(dtype)
+  probs = jax.nn.softmax(logits.astype(dtype), axis=-1)
+  # one_hot maps out-of-range ids to all-zero rows, so ignored pixels need no special index.
+  targets = jax.nn.one_hot(labels, num_classes, dtype=dtype) * mask
+  first = 0 if include_background else 1
+  return probs[..., first:], targets[..., first:], mask, bad
+
+
 def _soft_counts(
     logits: jax.Array,
     labels: jax.Array,
@@ -30,27 +62,14 @@ def _soft_counts(
 
   C' is C, or C - 1 without the background class 0.
   """
-  logits = jnp.asarray(logits)
-  labels = jnp.asarray(labels)
-  pixel_losses.check_inputs(logits, labels)
+  probs, targets, mask, bad = class_maps(logits, labels, include_background=include_background,
+                                         ignore_label=ignore_label)
   pixel_losses.check_number('smooth', smooth)
-  num_classes = logits.shape[-1]
-  if not include_background and num_classes < 2:
-    raise ValueError(
-        f'include_background=False leaves no class to score: logits have {num_classes} class')
-  dtype = pixel_losses.compute_dtype(logits)
-  valid, bad = pixel_losses.label_masks(labels, num_classes, ignore_label)
-  mask = valid[..., None].astype(dtype)
-  probs = jax.nn.softmax(logits.astype(dtype), axis=-1)
-  # one_hot maps out-of-range ids to all-zero rows, so ignored pixels need no special index.
-  targets = jax.nn.one_hot(labels, num_classes, dtype=dtype) * mask
-  axes = tuple(range(1, logits.ndim - 1))
+  axes = tuple(range(1, probs.ndim - 1))
   # FP and FN are summed directly rather than as differences, so they can never be negative.
   counts = (jnp.sum(probs * targets, axis=axes),
             jnp.sum(probs * (mask - targets), axis=axes),
             jnp.sum((1 - probs) * targets, axis=axes))
-  if not include_background:
-    counts = tuple(c[:, 1:] for c in counts)
   return counts, bad
 
 

@@ -158,10 +158,16 @@ def config_differences(config: ml_collections.ConfigDict, workdir: str, *,
     return []
   saved = _flatten(json.loads(storage.read_text(saved_path)))
   current = _flatten(json.loads(config.to_json_best_effort()))
+
+  def value(flat, key):
+    # A loss term a config does not list weighs 0, as one it lists with weight 0 (configs
+    # written before every term was listed name only the terms they use).
+    return flat.get(key, 0.0 if key.startswith('loss.terms.') else None)
+
   changed = sorted(k for k in saved.keys() | current.keys()
-                   if saved.get(k) != current.get(k)
+                   if value(saved, k) != value(current, k)
                    and not any(k == f or k.startswith(f + '.') for f in ignore))
-  return [f'{k}: {saved.get(k)!r} → {current.get(k)!r}' for k in changed]
+  return [f'{k}: {value(saved, k)!r} → {value(current, k)!r}' for k in changed]
 
 
 def check_workdir(config: ml_collections.ConfigDict, workdir: str, *,
