@@ -113,6 +113,21 @@ def _show_project_logs():
   project_log.propagate = False
 
 
+def _drop_closed_event_loop_reports() -> None:
+  # When a checkpoint write fails, orbax closes its save thread's event loop while tensorstore
+  # is still finishing that save's other writes; each one then calls back into the closed loop,
+  # and tensorstore reports the RuntimeError as unraisable: dozens of identical tracebacks after
+  # the real error, which orbax logs and _fail states in one line. Nothing else is dropped.
+  report = sys.unraisablehook
+
+  def hook(unraisable):
+    if not (unraisable.object is None and isinstance(unraisable.exc_value, RuntimeError)
+            and str(unraisable.exc_value) == 'Event loop is closed'):
+      report(unraisable)
+
+  sys.unraisablehook = hook
+
+
 def _fail(message: str, status: int) -> None:
   # One write, so that a traceback another thread prints at the same moment (orbax and
   # tensorstore report a failed save from their own threads, piece by piece) cannot split the
@@ -156,6 +171,7 @@ def main(argv):
   # pylint: disable-next=g-import-not-at-top  (after flag parsing and distributed setup)
   from unet_jax.config import validation
   _show_project_logs()
+  _drop_closed_event_loop_reports()
   try:
     _run(FLAGS.config, FLAGS.workdir)
   except (validation.ConfigError, _FlagError) as e:

@@ -64,7 +64,20 @@ class _PeriodicSaveFilter(logging.Filter):
     return 'did not provide metrics' not in record.getMessage()
 
 
+class _StorageErrorTracebackFilter(logging.Filter):
+  """A write the file system refused (a full disk) is reported once, by CheckpointWriteError.
+  Orbax logs the same OS error from each of its save threads with the whole chained traceback
+  (hundreds of lines); its records keep their one-line message here, without the traceback."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    error = record.exc_info[1] if record.exc_info else None
+    if error is not None and storage_errno(error) is not None:
+      record.exc_info = record.exc_text = None
+    return True
+
+
 logging.getLogger('absl').addFilter(_PeriodicSaveFilter())
+logging.getLogger('absl').addFilter(_StorageErrorTracebackFilter())
 
 
 class CheckpointReadError(OSError):
