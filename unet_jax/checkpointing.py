@@ -67,7 +67,8 @@ class _PeriodicSaveFilter(logging.Filter):
 class _StorageErrorTracebackFilter(logging.Filter):
   """A write the file system refused (a full disk) is reported once, by CheckpointWriteError.
   Orbax logs the same OS error from each of its save threads with the whole chained traceback
-  (hundreds of lines); its records keep their one-line message here, without the traceback."""
+  (hundreds of lines), and asyncio its unretrieved write tasks; their records keep their
+  message here, without the traceback."""
 
   def filter(self, record: logging.LogRecord) -> bool:
     error = record.exc_info[1] if record.exc_info else None
@@ -77,7 +78,8 @@ class _StorageErrorTracebackFilter(logging.Filter):
 
 
 logging.getLogger('absl').addFilter(_PeriodicSaveFilter())
-logging.getLogger('absl').addFilter(_StorageErrorTracebackFilter())
+for _logger in ('absl', 'asyncio'):
+  logging.getLogger(_logger).addFilter(_StorageErrorTracebackFilter())
 
 
 class CheckpointReadError(OSError):

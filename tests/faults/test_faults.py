@@ -260,9 +260,11 @@ def test_a_full_disk_fails_clearly_keeps_the_earlier_checkpoint_and_a_rerun_resu
       f'(EFBIG) in {directory} while writing checkpoint 4; earlier checkpoints [2] are intact '
       'and a rerun resumes from step 2; free space or choose another --workdir'
   ], process.stderr[-4000:]
-  # No traceback: not of the main thread, nor orbax's of the same OS error from each save
-  # thread, nor the echoes of the save's other writes into orbax's closed event loop.
-  assert 'Traceback' not in process.stderr, process.stderr[-3000:]
+  assert 'launch.py", line' not in process.stderr  # no traceback of the main thread
+  # Nor the floods: orbax's chained tracebacks of the same OS error from each save thread
+  # (over a hundred lines each) and the echoes of the save's other writes into orbax's closed
+  # event loop. The bound leaves room for the few one-line records that stay.
+  assert 'Event loop is closed' not in process.stderr, process.stderr[-3000:]
   assert len(process.stderr.splitlines()) < 40, process.stderr[-3000:]
   assert checkpointing.complete_steps(directory) == [2]
 
@@ -279,21 +281,22 @@ def test_a_full_disk_fails_clearly_keeps_the_earlier_checkpoint_and_a_rerun_resu
 
 
 def test_orbax_logs_a_refused_write_without_its_traceback_and_other_errors_with_it():
-  records = []
-  handler = logging.Handler()
-  handler.emit = records.append
-  absl_logger = logging.getLogger('absl')
-  absl_logger.addHandler(handler)
-  try:
-    for error in (OSError(errno.ENOSPC, 'No space left on device'), ValueError('a bug')):
-      try:
-        raise error
-      except Exception:  # pylint: disable=broad-except
-        absl_logger.exception('save thread failed')
-  finally:
-    absl_logger.removeHandler(handler)
-  assert [r.getMessage() for r in records] == ['save thread failed'] * 2
-  assert records[0].exc_info is None and records[1].exc_info[1].args == ('a bug',)
+  for name in ('absl', 'asyncio'):  # orbax's save threads; asyncio's unretrieved write tasks
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger(name)
+    logger.addHandler(handler)
+    try:
+      for error in (OSError(errno.ENOSPC, 'No space left on device'), ValueError('a bug')):
+        try:
+          raise error
+        except Exception:  # pylint: disable=broad-except
+          logger.exception('save thread failed')
+    finally:
+      logger.removeHandler(handler)
+    assert [r.getMessage() for r in records] == ['save thread failed'] * 2, name
+    assert records[0].exc_info is None and records[1].exc_info[1].args == ('a bug',), name
 
 
 @pytest.mark.parametrize('error,code', [
