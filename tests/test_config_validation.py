@@ -324,6 +324,18 @@ def test_flag_errors_become_one_line_naming_the_field():
   assert message.startswith('--config=nope.py cannot be loaded: FileNotFoundError')
 
 
+def test_an_entry_of_a_mapping_field_points_to_the_whole_mapping_as_one_value():
+  argv = ['launch.py', '--config=' + os.path.join(ROOT, 'experiments', 'quickstart.py') + ':smoke']
+  message = validation.flag_error(KeyError('focal'), argv + ['--config.loss.options.focal.gamma=2'])
+  assert message == (
+      "config.loss.options.focal.gamma='2' cannot be set entry by entry (config.loss.options "
+      "holds its own entries, none named 'focal'); expected the whole mapping as one value, e.g. "
+      """--config.loss.options='{"focal": ...}'""")
+  # A near miss in a mapping that lists its entries is still a typo with a suggestion.
+  message = validation.flag_error(KeyError('dic'), argv + ['--config.loss.terms.dic=1'])
+  assert "closest: dice" in message
+
+
 def test_launch_prints_one_line_and_exits_2_before_building_anything(tmp_path):
   config = os.path.join(ROOT, 'experiments', 'quickstart.py') + ':smoke'
   for override, expected in [

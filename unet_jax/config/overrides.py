@@ -13,6 +13,7 @@ from typing import Any, Mapping
 
 import ml_collections
 
+from unet_jax.config import schema
 from unet_jax.config.schema import ConfigError
 
 
@@ -42,6 +43,12 @@ def check_path(config: ml_collections.ConfigDict, path: str, value: Any) -> None
       keys = sorted(node.keys()) if hasattr(node, 'keys') else []
       close = difflib.get_close_matches(part, keys, n=3)
       where = '.'.join(parents)
+      if not close and schema.is_mapping(where.partition('.')[2]):
+        # ml_collections cannot add a key to a locked config, but takes the whole mapping.
+        raise ConfigError(
+            f'config.{path}', value,
+            f'cannot be set entry by entry ({where} holds its own entries, none named {part!r})',
+            f"the whole mapping as one value, e.g. --{where}='{{\"{part}\": ...}}'")
       raise ConfigError(
           f'config.{path}', value, f'is not a config field ({where} has no field {part!r})',
           f'a field of {where} (closest: {", ".join(close)})' if close else

@@ -112,6 +112,12 @@ FIELD_TYPES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     'sweep.poll_seconds': _NUMBER,
 }
 
+
+def is_mapping(path: str) -> bool:
+  """Whether the field at dotted `path` (without `config.`) holds entries of its own, name →
+  value, rather than fixed fields."""
+  return FIELD_TYPES.get(path) is _MAPPING
+
 # Fields whose value names one entry of a module's table (optional fields are checked if set).
 CHOICES: dict[str, Callable[[], Sequence[str]]] = {
     'nonfinite': lambda: loop.NONFINITE_POLICIES,
