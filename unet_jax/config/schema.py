@@ -118,6 +118,7 @@ def is_mapping(path: str) -> bool:
   value, rather than fixed fields."""
   return FIELD_TYPES.get(path) is _MAPPING
 
+
 # Fields whose value names one entry of a module's table (optional fields are checked if set).
 CHOICES: dict[str, Callable[[], Sequence[str]]] = {
     'nonfinite': lambda: loop.NONFINITE_POLICIES,

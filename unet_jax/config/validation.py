@@ -176,7 +176,7 @@ def _check_loss(config: ml_collections.ConfigDict, model: Any, num_classes: int)
   logits = jax.ShapeDtypeStruct((1, 8, 8, num_classes), jnp.float32)
   labels = jax.ShapeDtypeStruct((1, 8, 8), jnp.int32)
   ignore = None if config.data.ignore_label is None else IGNORE_CLASS
-  for name in [n for n, weight in terms.items() if weight > 0]:  # 0 turns a term off
+  for name in losses.active_terms(terms):
     kwargs = dict(options.get(name, {}), ignore_label=ignore)
     try:
       jax.eval_shape(lambda x, y, fn=losses.LOSSES[name], kw=kwargs: fn(x, y, **kw), logits,

@@ -90,6 +90,12 @@ def check_terms(terms: Mapping[str, float]) -> dict[str, float]:
   return checked
 
 
+def active_terms(terms: Mapping[str, float]) -> dict[str, float]:
+  """`check_terms(terms)` without the terms of weight 0: 0 turns a term off, so that a config
+  can list every loss and one flag turn one on."""
+  return {name: weight for name, weight in check_terms(terms).items() if weight > 0}
+
+
 def check_options(options: Mapping[str, Mapping[str, Any]] | None,
                   terms: Mapping[str, float]) -> dict[str, dict[str, Any]]:
   """Options per term; LossConfigError for options of a term not in `terms`, or an option the
@@ -154,9 +160,9 @@ def make_loss(
     `(N, *spatial, C)` or a tuple/list of such arrays, one per head, all of the same shape as
     each other and matching `labels` `(N, *spatial)`. `weights` are optional pixel weights
     `(N, *spatial)`, used by the terms that take them (see `loss_options` and the module
-    docstring) and ignored by the others. `parts[name]`, for each term of positive weight, is its batch mean, combined over
-    heads with the normalised head weights, and `total = sum(weight * parts[name])`; all are
-    scalars.
+    docstring) and ignored by the others. `parts[name]`, for each term of positive weight, is
+    its batch mean, combined over heads with the normalised head weights, and
+    `total = sum(weight * parts[name])`; all are scalars.
 
   Raises:
     ValueError: if `terms` is empty, names a loss not in `LOSSES`, has a negative or
@@ -164,8 +170,7 @@ def make_loss(
       take; if `deep_supervision_weights` is empty, negative, non-finite or sums to 0. At call
       time: if the number of heads differs from `len(deep_supervision_weights)`.
   """
-  # A weight of 0 turns a term off, so that a config can list every loss and a flag turn one on.
-  checked = {name: w for name, w in check_terms(terms).items() if w > 0}
+  checked = active_terms(terms)
   term_options = check_options(options, terms)
   head_weights = _check_head_weights(deep_supervision_weights)
   takes_weights = {name: 'weights' in inspect.signature(LOSSES[name]).parameters

@@ -29,7 +29,7 @@ def class_maps(
   """Validates inputs and returns `(probs, targets, mask, bad)`.
 
   `probs` are the softmax probabilities and `targets` the one-hot labels, `(N, *spatial, C')`
-  with C' = C, or C - 1 without the background class 0; `targets` are 0 on pixels that do not
+  with C' = C, or C - 1 without the background class 0; both are 0 on pixels that do not
   count. `mask` `(N, *spatial, 1)` marks the pixels that count, and `bad` the undeclared
   out-of-range labels (`pixel_losses.label_masks`).
   """
@@ -43,7 +43,7 @@ def class_maps(
   dtype = pixel_losses.compute_dtype(logits)
   valid, bad = pixel_losses.label_masks(labels, num_classes, ignore_label)
   mask = valid[..., None].astype(dtype)
-  probs = jax.nn.softmax(logits.astype(dtype), axis=-1)
+  probs = jax.nn.softmax(logits.astype(dtype), axis=-1) * mask
   # one_hot maps out-of-range ids to all-zero rows, so ignored pixels need no special index.
   targets = jax.nn.one_hot(labels, num_classes, dtype=dtype) * mask
   first = 0 if include_background else 1

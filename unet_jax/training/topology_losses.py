@@ -119,7 +119,6 @@ def skeleton_recall_loss(
   pixel_losses.check_number('smooth', smooth)
   probs, targets, mask, bad = region_losses.class_maps(
       logits, labels, include_background=include_background, ignore_label=ignore_label)
-  probs = probs * mask
   tube = label_skeleton(targets, mask, iterations=iterations, tube_radius=tube_radius)
   recall = _per_class_ratio(probs * tube, tube, smooth)
   return pixel_losses.nan_where_bad(1 - jnp.mean(recall, axis=-1), bad)
@@ -158,7 +157,6 @@ def soft_cldice_loss(
   pixel_losses.check_number('smooth', smooth)
   probs, targets, mask, bad = region_losses.class_maps(
       logits, labels, include_background=include_background, ignore_label=ignore_label)
-  probs = probs * mask
   label_skel = label_skeleton(targets, mask, iterations=iterations, tube_radius=0)
   prob_skel = soft_skeleton(probs, iterations=iterations) * mask
   precision = _per_class_ratio(prob_skel * targets, prob_skel, smooth)
