@@ -75,7 +75,8 @@ def _free_port():
 
 
 # Each process sums its rows of a global batch; process 1 reaches the program 35 s late, past the
-# 30 s that CPU collectives (gloo) give a new device group to meet.
+# 30 s that CPU collectives (gloo) give a new device group to meet. Then a batch of another shape:
+# a second program, compiled and waited for in turn.
 _LATE_PROCESS = """
 import sys, time
 import jax, numpy as np
@@ -90,6 +91,8 @@ rows = sharding.to_global(np.arange(2, dtype=np.float32) + 2 * pid, mesh)
 if pid == 1:
   time.sleep(35)
 print('total', float(total(rows)), flush=True)
+rows = sharding.to_global(np.arange(3, dtype=np.float32) + 3 * pid, mesh)
+print('second total', float(total(rows)), flush=True)
 """
 
 
@@ -104,6 +107,7 @@ def test_a_process_that_arrives_late_at_the_first_collective_is_waited_for():
   for output, returncode in [(p.communicate(timeout=300)[0], p.returncode) for p in procs]:
     assert returncode == 0, output[-3000:]
     assert 'total 6.0' in output, output[-3000:]  # 0 + 1 + 2 + 3 over both processes
+    assert 'second total 15.0' in output, output[-3000:]  # 0 + 1 + ... + 5
 
 
 TWO_PROCESS_RUN = ['--config=' + os.path.join(ROOT, 'experiments/quickstart.py') + ':smoke',
@@ -151,3 +155,25 @@ def test_two_processes_train_like_one(one_process_run, bucket):
   assert one['step'] == two['step'] == 6
   for key in ('dice_membrane', 'pixel_error', 'isbi_rand_error'):
     np.testing.assert_allclose(two[key], one[key], atol=1e-3)
+
+
+def test_two_processes_evaluate_a_checkpoint_like_the_run_did(one_process_run):
+  """--mode=eval on 2 processes × 4 devices: the eval step's first collective is the first of
+  the device group, reached after each process compiled on its own (compile_then_wait)."""
+  port = _free_port()
+  env = dict(os.environ, XLA_FLAGS=simulated_devices.xla_flags(4))
+  procs = [subprocess.Popen(
+      [sys.executable, os.path.join(ROOT, 'launch.py'), '--mode=eval', '--checkpoint=latest',
+       f'--workdir={one_process_run}', *TWO_PROCESS_RUN,
+       f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}'],
+      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  outputs = [p.communicate(timeout=600)[0] for p in procs]
+  for i, (proc, output) in enumerate(zip(procs, outputs)):
+    if proc.returncode != 0:
+      pytest.fail(f'process {i} exited with {proc.returncode}:\n{output[-6000:]}', pytrace=False)
+  final = json.load(open(os.path.join(one_process_run, 'final_metrics.json')))
+  scores = json.load(open(os.path.join(one_process_run, 'eval_val_step6.json')))
+  assert scores['step'] == 6
+  for key in ('dice_membrane', 'pixel_error', 'isbi_rand_error'):
+    np.testing.assert_allclose(scores[key], final[key], atol=1e-3)

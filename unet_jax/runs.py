@@ -17,6 +17,7 @@ import ml_collections
 import numpy as np
 
 from unet_jax import checkpointing
+from unet_jax import sharding
 from unet_jax import storage
 from unet_jax.config import validation
 from unet_jax.config.overrides import apply_overrides
@@ -102,8 +103,10 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *, spli
   manager = checkpointing.run_manager(config, workdir, read_only=True)
   step = checkpointing.choose_step(manager, checkpoint)
   state, _ = checkpointing.restore(manager, step, setup.abstract_state)
-  eval_fn = evaluator.make_eval_fn(setup.model, setup.mesh, len(config.data.class_names),
-                                   tta=config.eval.tta)
+  # Its first collective is the run's first: processes must not reach it far apart.
+  eval_fn = sharding.compile_then_wait(
+      evaluator.make_eval_fn(setup.model, setup.mesh, len(config.data.class_names),
+                             tta=config.eval.tta), 'eval step compiled')
   scores = evaluator.evaluate(eval_fn, state, subset, config, setup.model, setup.mesh,
                                extra_metrics=evaluator.extra_metrics(config))
   if jax.process_index() == 0:

@@ -124,21 +124,25 @@ def wait_for_all_processes(name: str, *, timeout_s: float = 1800.0) -> None:
 
 
 def compile_then_wait(jitted: Callable, name: str) -> Callable:
-  """`jitted` for a program whose arguments keep their shapes and shardings (the train step).
+  """`jitted`, compiled ahead of time for each new signature of its arguments (their tree,
+  shapes, dtypes and shardings) when there is more than one process.
 
-  With more than one process the first call compiles ahead of time, waits for every process
-  to finish compiling (`wait_for_all_processes`) and only then runs, so compile times that
-  differ between processes never count against the first collective's deadline.
+  After each compile every process waits for the others (`wait_for_all_processes`) and only
+  then runs, so compile times that differ between processes (a compilation cache hit on one of
+  them) never count against the deadline of the first collective of a device group: the train
+  step's, and in `--mode=eval` the eval step's.
   """
   if jax.process_count() == 1:
     return jitted
-  compiled = None
+  compiled = {}
 
   def call(*args):
-    nonlocal compiled
-    if compiled is None:
-      compiled = jitted.lower(*args).compile()
+    leaves, tree = jax.tree.flatten(args)
+    signature = (tree, tuple((x.shape, x.dtype, x.sharding) for x in leaves))
+    program = compiled.get(signature)
+    if program is None:
+      program = compiled[signature] = jitted.lower(*args).compile()
       wait_for_all_processes(name)
-    return compiled(*args)
+    return program(*args)
 
   return call

@@ -202,8 +202,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, *, restart: bool,
 
   step_fn = sharding.compile_then_wait(train_step.make_step_fn(config, setup),
                                        'train step compiled')
-  eval_fn = evaluator.make_eval_fn(setup.model, mesh, len(config.data.class_names),
-                                   tta=config.eval.tta)
+  eval_fn = sharding.compile_then_wait(
+      evaluator.make_eval_fn(setup.model, mesh, len(config.data.class_names),
+                             tta=config.eval.tta), 'eval step compiled')
   extras = evaluator.extra_metrics(config)
   step_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
 
