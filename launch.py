@@ -128,6 +128,24 @@ def _drop_closed_event_loop_reports() -> None:
   sys.unraisablehook = hook
 
 
+class _PluginErrorInOneLine(logging.Filter):
+  """A JAX plugin that fails to start is logged with two chained tracebacks: on a machine
+  without a GPU, the CUDA plugin of requirements-aot.txt (there to compile for GPUs) finds no
+  cuDNN at every launch. The record keeps JAX's message and the error's; JAX goes on without
+  the plugin as before."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.exc_info and record.getMessage().startswith(PLUGIN_ERROR):
+      message = f'{record.getMessage()}: {record.exc_info[1]}'
+      record.msg, record.args, record.exc_info, record.exc_text = message, (), None, None
+    return True
+
+
+PLUGIN_ERROR = 'Jax plugin configuration error'
+# The logger of jax._src.xla_bridge, which starts the plugins.
+PLUGIN_LOGGER = 'jax._src.xla_bridge'
+
+
 def _fail(message: str, status: int) -> None:
   # One write, so that a traceback another thread prints at the same moment (orbax and
   # tensorstore report a failed save from their own threads, piece by piece) cannot split the
@@ -151,6 +169,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  logging.getLogger(PLUGIN_LOGGER).addFilter(_PluginErrorInOneLine())  # before JAX starts
   if FLAGS.keep_host_memory:
     from unet_jax import host_memory  # pylint: disable=g-import-not-at-top  (before jax starts)
     host_memory.keep_freed_memory()

@@ -160,6 +160,25 @@ def test_a_program_that_does_not_fit_names_the_change_that_makes_it_fit(tmp_path
   assert not list(tmp_path.glob('compile_*.json'))
 
 
+def test_a_limit_no_change_can_meet_ends_after_compiling_the_strongest_changes(tmp_path):
+  # 1 MiB per chip: not even the code of a train step fits, so the search must not compile its
+  # 16 candidates one by one (7 minutes here) before saying so.
+  result = _launch('--topology=v5e:2x2', '--config.data.crop_size=64', '--config.batch_size=32',
+                   '--memory_limit_gib=0.001', f'--workdir={tmp_path}')
+  assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+  errors = [line for line in result.stderr.splitlines() if line.startswith('launch.py: error:')]
+  assert len(errors) == 1, result.stderr[-3000:]
+  line = errors[0]
+  assert 'the train step does not fit a TPU v5 lite of v5e:2x2' in line, line
+  # Batch 4 (the smallest that 4 chips take) does not combine with 32 micro-batches, so it is
+  # tried alone after the combination of the others.
+  assert ('does not fit even with --config.model.dtype=bfloat16 --config.model.remat=full '
+          '--config.mesh.fsdp=4 --config.optimizer.grad_accum_steps=32, --config.batch_size=4:'
+          in line), line
+  tries = [x for x in result.stderr.splitlines() if 'train step: trying' in x]
+  assert len(tries) == 2, tries
+
+
 def test_out_of_memory_messages_of_libtpu_are_read():
   gib = 2**30
   for text, needed, available in [

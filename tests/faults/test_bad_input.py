@@ -202,3 +202,42 @@ def test_curves_take_the_last_record_of_a_redone_step(tmp_path):
   steps = series['train/loss'][0]
   assert list(steps) == sorted(steps)  # no loop back in loss.png
   assert plots.plot_curves(str(path), str(tmp_path / 'plots'))
+
+
+# A plugin that fails to start, logged as jax._src.xla_bridge logs it, through launch.py's filter.
+_PLUGIN_ERROR_LOGGED = """
+import logging, sys
+import launch
+logging.getLogger(launch.PLUGIN_LOGGER).addFilter(launch._PluginErrorInOneLine())
+log = logging.getLogger(launch.PLUGIN_LOGGER)
+try:
+  try:
+    raise RuntimeError('cuDNN not found.')
+  except RuntimeError as e:
+    raise RuntimeError('Unable to load cuDNN. Is it installed?') from e
+except RuntimeError:
+  log.exception('Jax plugin configuration error: Exception when calling %s.initialize()',
+                'jax_plugins.xla_cuda13')
+try:
+  raise KeyError('other')
+except KeyError:
+  log.exception('something else failed')
+"""
+
+
+def test_a_plugin_that_fails_to_start_is_one_line_and_other_errors_keep_their_traceback():
+  result = subprocess.run([sys.executable, '-c', _PLUGIN_ERROR_LOGGED], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr
+  lines = result.stderr.splitlines()
+  assert lines[0] == ('Jax plugin configuration error: Exception when calling '
+                      'jax_plugins.xla_cuda13.initialize(): Unable to load cuDNN. Is it installed?')
+  assert lines[1] == 'something else failed'
+  assert lines[2].startswith('Traceback'), result.stderr
+  assert "KeyError: 'other'" in result.stderr
+  assert 'cuDNN not found' not in result.stderr  # the chained cause went with the traceback
+  # The filter matches what this JAX logs, and where.
+  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+  source = open(xla_bridge.__file__).read()
+  assert xla_bridge.logger.name == 'jax._src.xla_bridge'
+  assert 'logger.exception("Jax plugin configuration error: Exception when "' in source

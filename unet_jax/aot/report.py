@@ -98,24 +98,47 @@ def _valid(config: ml_collections.ConfigDict, target: targets.Target, spatial_ra
   return True
 
 
+def _strongest(name: str, config: ml_collections.ConfigDict, target: targets.Target,
+               spatial_rank: int) -> list[Change]:
+  """The strongest valid change of each kind of CHANGES[name] (in that order)."""
+  strongest = []
+  for kind in CHANGES[name]:
+    valid = [change for change in kind(config, target)
+             if _valid(overrides.apply_overrides(config, dict([change])), target, spatial_rank)]
+    if valid:
+      strongest.append(valid[-1])
+  return strongest
+
+
 def _candidates(name: str, config: ml_collections.ConfigDict, target: targets.Target,
                 spatial_rank: int) -> Iterator[tuple[list[Change], ml_collections.ConfigDict]]:
   """Valid changed configs: one change at a time, then the strongest change of each kind
   together, one kind more each time."""
-  strongest = []
   for kind in CHANGES[name]:
-    valid = []
     for change in kind(config, target):
       candidate = overrides.apply_overrides(config, dict([change]))
       if _valid(candidate, target, spatial_rank):
-        valid.append(change)
         yield [change], candidate
-    if valid:
-      strongest.append(valid[-1])
+  strongest = _strongest(name, config, target, spatial_rank)
   for count in range(2, len(strongest) + 1):
     candidate = overrides.apply_overrides(config, dict(strongest[:count]))
     if _valid(candidate, target, spatial_rank):
       yield strongest[:count], candidate
+
+
+def _floor(name: str, config: ml_collections.ConfigDict, target: targets.Target,
+           spatial_rank: int) -> list[tuple[list[Change], ml_collections.ConfigDict]]:
+  """The candidates every other candidate of `_candidates` needs at least as much memory as:
+  the longest valid combination of the strongest changes, and the strongest change of each
+  kind after it."""
+  strongest = _strongest(name, config, target, spatial_rank)
+  for count in range(len(strongest), 0, -1):
+    candidate = overrides.apply_overrides(config, dict(strongest[:count]))
+    if _valid(candidate, target, spatial_rank):
+      return [(strongest[:count], candidate)] + [
+          ([change], overrides.apply_overrides(config, dict([change])))
+          for change in strongest[count:]]
+  return []
 
 
 def _compile_within(name: str, config: ml_collections.ConfigDict, setup: Any,
@@ -136,19 +159,38 @@ def _fit_search(name: str, config: ml_collections.ConfigDict, target: targets.Ta
             if problem.needed and problem.available else 'does not fit the memory ')
   head = (f'the {name} does not fit a {target.devices[0].device_kind} of {target.name}: it '
           f'{needed}per chip')
+  compiled = {}
+
+  def fits(changes: list[Change], candidate: ml_collections.ConfigDict) -> float | None:
+    """The candidate's bytes per chip when it fits, else None; each is compiled once."""
+    key = tuple(changes)
+    if key not in compiled:
+      log.info('%s: trying %s', name, ' '.join(_flag(c) for c in changes))
+      try:
+        setup = programs.build_setup(candidate, target.devices, shapes=shapes,
+                                     spatial_rank=spatial_rank)
+        compiled[key] = _compile_within(name, candidate, setup, shapes, spatial_rank,
+                                        limit).memory.total
+      except programs.DoesNotFit:
+        compiled[key] = None
+    return compiled[key]
+
+  # The strongest candidates first: the longest valid combination of each kind's strongest
+  # change, and the strongest change of each kind it leaves out. Each change only lowers the
+  # memory, so every other candidate needs at least as much as one of these; when none of them
+  # fits, the search ends here, after a compile or two instead of a dozen or more.
+  floor = _floor(name, config, target, spatial_rank)
+  if floor and all(fits(changes, candidate) is None for changes, candidate in floor):
+    strongest = ', '.join(' '.join(_flag(c) for c in changes) for changes, _ in floor)
+    return (f'{head}; it does not fit even with {strongest}: raise the limit, use a larger '
+            'chip or a smaller config.data.crop_size')
   tried = []
   for changes, candidate in _candidates(name, config, target, spatial_rank):
     flags = ' '.join(_flag(c) for c in changes)
     tried.append(flags)
-    log.info('%s: trying %s', name, flags)
-    try:
-      setup = programs.build_setup(candidate, target.devices, shapes=shapes,
-                                   spatial_rank=spatial_rank)
-      fitted = _compile_within(name, candidate, setup, shapes, spatial_rank, limit)
-    except programs.DoesNotFit:
-      continue
-    return (f'{head}; {flags} makes it fit ({_bytes(fitted.memory.total)} per chip, found by '
-            'compiling it)')
+    fitted = fits(changes, candidate)
+    if fitted is not None:
+      return f'{head}; {flags} makes it fit ({_bytes(fitted)} per chip, found by compiling it)'
   return (f'{head}; none of {", ".join(tried) or "the usual changes"} made it fit, alone or '
           'together: use a larger chip or a smaller config.data.crop_size')
 
