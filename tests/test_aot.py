@@ -38,6 +38,14 @@ def _launch(*args, timeout=900):
                          *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
+def _one_error_line(result: subprocess.CompletedProcess) -> str:
+  """The launch's one `launch.py: error:` line, after checking it failed with status 1."""
+  assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+  errors = [line for line in result.stderr.splitlines() if line.startswith('launch.py: error:')]
+  assert len(errors) == 1, result.stderr[-3000:]
+  return errors[0]
+
+
 def _unet_flops(*, width, depth, size, padding, in_channels=1, num_classes=2):
   """Multiply-adds ×2 of the U-Net's convolutions for one square image, written out by level."""
   trim = 2 if padding == 'VALID' else 0  # per 3×3 convolution
@@ -148,10 +156,7 @@ def test_a_program_that_does_not_fit_names_the_change_that_makes_it_fit(tmp_path
   # out-of-memory errors are read in the next test.)
   result = _launch('--topology=v5e:2x2', '--config.data.crop_size=64', '--config.batch_size=32',
                    '--memory_limit_gib=0.03', f'--workdir={tmp_path}')
-  assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
-  errors = [line for line in result.stderr.splitlines() if line.startswith('launch.py: error:')]
-  assert len(errors) == 1, result.stderr[-3000:]
-  line = errors[0]
+  line = _one_error_line(result)
   assert 'the train step does not fit a TPU v5 lite of v5e:2x2' in line
   assert '--config.model.dtype=bfloat16 makes it fit' in line, line
   needed, limit, fitted = [float(x) for x in re.findall(r'([\d.]+) MiB', line)]
@@ -165,10 +170,7 @@ def test_a_limit_no_change_can_meet_ends_after_compiling_the_strongest_changes(t
   # 16 candidates one by one (7 minutes here) before saying so.
   result = _launch('--topology=v5e:2x2', '--config.data.crop_size=64', '--config.batch_size=32',
                    '--memory_limit_gib=0.001', f'--workdir={tmp_path}')
-  assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
-  errors = [line for line in result.stderr.splitlines() if line.startswith('launch.py: error:')]
-  assert len(errors) == 1, result.stderr[-3000:]
-  line = errors[0]
+  line = _one_error_line(result)
   assert 'the train step does not fit a TPU v5 lite of v5e:2x2' in line, line
   # Batch 4 (the smallest that 4 chips take) does not combine with 32 micro-batches, so it is
   # tried alone after the combination of the others.

@@ -126,16 +126,12 @@ def one_process_run(tmp_path_factory):
   return str(workdir)
 
 
-def test_two_processes_train_like_one(one_process_run, bucket):
-  """Two processes on one mesh match one process, with the workdir in a bucket, where only
-  process 0 writes the run's files. (A local workdir takes the same path through
-  unet_jax/storage.py; the bucket is the case that also checks the single writer.)"""
-  common = TWO_PROCESS_RUN
+def _launch_two_processes(*args: str) -> list[str]:
+  """launch.py with `args` as processes 0 and 1 of 4 devices each; their outputs."""
   port = _free_port()
   env = dict(os.environ, XLA_FLAGS=simulated_devices.xla_flags(4))
   procs = [subprocess.Popen(
-      [sys.executable, os.path.join(ROOT, 'launch.py'),
-       f'--workdir={storage.join(bucket, "two")}', *common,
+      [sys.executable, os.path.join(ROOT, 'launch.py'), *args,
        f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}'],
       cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
            for i in range(2)]
@@ -143,6 +139,14 @@ def test_two_processes_train_like_one(one_process_run, bucket):
   for i, (proc, output) in enumerate(zip(procs, outputs)):
     if proc.returncode != 0:  # the tail: the error comes after pages of start-up logs
       pytest.fail(f'process {i} exited with {proc.returncode}:\n{output[-6000:]}', pytrace=False)
+  return outputs
+
+
+def test_two_processes_train_like_one(one_process_run, bucket):
+  """Two processes on one mesh match one process, with the workdir in a bucket, where only
+  process 0 writes the run's files. (A local workdir takes the same path through
+  unet_jax/storage.py; the bucket is the case that also checks the single writer.)"""
+  outputs = _launch_two_processes(f'--workdir={storage.join(bucket, "two")}', *TWO_PROCESS_RUN)
   assert '8 devices' in outputs[0]  # 2 processes × 4 devices form one mesh
   losses = lambda d: [r['train/loss'] for r in
                       metric_writers.read_jsonl(storage.join(d, 'metrics.jsonl'))
@@ -160,18 +164,8 @@ def test_two_processes_train_like_one(one_process_run, bucket):
 def test_two_processes_evaluate_a_checkpoint_like_the_run_did(one_process_run):
   """--mode=eval on 2 processes × 4 devices: the eval step's first collective is the first of
   the device group, reached after each process compiled on its own (compile_then_wait)."""
-  port = _free_port()
-  env = dict(os.environ, XLA_FLAGS=simulated_devices.xla_flags(4))
-  procs = [subprocess.Popen(
-      [sys.executable, os.path.join(ROOT, 'launch.py'), '--mode=eval', '--checkpoint=latest',
-       f'--workdir={one_process_run}', *TWO_PROCESS_RUN,
-       f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}'],
-      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i in range(2)]
-  outputs = [p.communicate(timeout=600)[0] for p in procs]
-  for i, (proc, output) in enumerate(zip(procs, outputs)):
-    if proc.returncode != 0:
-      pytest.fail(f'process {i} exited with {proc.returncode}:\n{output[-6000:]}', pytrace=False)
+  _launch_two_processes('--mode=eval', '--checkpoint=latest', f'--workdir={one_process_run}',
+                        *TWO_PROCESS_RUN)
   final = json.load(open(os.path.join(one_process_run, 'final_metrics.json')))
   scores = json.load(open(os.path.join(one_process_run, 'eval_val_step6.json')))
   assert scores['step'] == 6
