@@ -175,8 +175,8 @@ def test_a_limit_no_change_can_meet_ends_after_compiling_the_strongest_changes(t
   # Batch 4 (the smallest that 4 chips take) does not combine with 32 micro-batches, so it is
   # tried alone after the combination of the others.
   assert ('does not fit even with --config.model.dtype=bfloat16 --config.model.remat=full '
-          '--config.mesh.fsdp=4 --config.optimizer.grad_accum_steps=32, --config.batch_size=4:'
-          in line), line
+          '--config.mesh.fsdp=4 --config.optimizer.grad_accum_steps=32, --config.batch_size=4: '
+          'raise --memory_limit_gib, use a larger chip' in line), line
   tries = [x for x in result.stderr.splitlines() if 'train step: trying' in x]
   assert len(tries) == 2, tries
 

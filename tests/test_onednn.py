@@ -375,3 +375,55 @@ def test_processes_building_at_once_share_one_cached_library(tmp_path):
   assert len(paths) == 1 and paths.pop().startswith(str(tmp_path))
   assert len(glob.glob(str(tmp_path / '**' / '*.so'), recursive=True)) == 1
   assert not glob.glob(str(tmp_path / '**' / '.building-*'), recursive=True)
+
+
+# Calls a convolution, then reads the policy (field 41 of /proc/.../stat, SCHED_IDLE = 5) and CPU
+# time of the extension's spinners right after the call, and 0.3 s later.
+_KEEP_AWAKE = """
+import glob, sys, time
+import jax, numpy as np
+from unet_jax.models import onednn
+def spinners():
+  out = {}
+  for task in glob.glob('/proc/self/task/*'):
+    if open(task + '/comm').read().strip() == 'onednn-awake':
+      fields = open(task + '/stat').read().rsplit(')', 1)[1].split()
+      out[task] = (int(fields[38]), int(open(task + '/schedstat').read().split()[0]))
+  return out
+assert onednn.available()
+x = np.ones((2, 16, 16, 4), np.float32); k = np.ones((3, 3, 4, 4), np.float32)
+conv = jax.jit(lambda x, k: onednn.conv(x, k, padding=((1, 1), (1, 1)), strides=(1, 1)))
+y = np.asarray(conv(x, k))
+assert np.allclose(y[:, 1:-1, 1:-1], 36.0)
+time.sleep(0.1)
+idle = spinners()
+time.sleep(0.3)
+later = spinners()
+print('spinners', len(idle), 'policies', sorted({p for p, _ in idle.values()}),
+      'ns while idle', max([later[t][1] - idle[t][1] for t in idle], default=-1))
+"""
+
+
+@pytest.mark.parametrize('window, count', [('1', 2), ('0', 0)])
+def test_spinners_keep_the_cpus_awake_at_idle_priority_and_then_sleep(window, count):
+  env = {**os.environ, 'XLA_FLAGS': '', 'OMP_NUM_THREADS': '2',
+         'UNET_JAX_ONEDNN_KEEP_AWAKE_MS': window}
+  result = subprocess.run([sys.executable, '-c', _KEEP_AWAKE], capture_output=True, text=True,
+                          env=env, timeout=300, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  line = [l for l in result.stdout.splitlines() if l.startswith('spinners')][0]
+  if count:
+    # One per thread of the team, preempted by any other thread, asleep once the window passed.
+    assert line.startswith(f'spinners {count} policies [5] ns while idle '), line
+    assert int(line.rsplit(' ', 1)[1]) < 1_000_000, line  # < 1 ms of CPU in 0.3 s
+  else:
+    assert line == 'spinners 0 policies [] ns while idle -1', line
+
+
+def test_a_bad_keep_awake_window_is_one_clear_error(monkeypatch):
+  monkeypatch.setenv('UNET_JAX_ONEDNN_KEEP_AWAKE_MS', 'soon')
+  with pytest.raises(ValueError, match="UNET_JAX_ONEDNN_KEEP_AWAKE_MS='soon': expected "
+                                       'milliseconds'):
+    build.keep_awake_ms()
+  monkeypatch.setenv('UNET_JAX_ONEDNN_KEEP_AWAKE_MS', '2.5')
+  assert build.keep_awake_ms() == 2.5

@@ -9,7 +9,9 @@ time from the chip's published peak bf16 FLOP/s and HBM bandwidth (targets.CHIPS
 
 A program the compiler cannot fit raises `NoFit` with one line naming the first change that
 makes it fit, found by compiling the candidates of CHANGES in order (cheapest to the run
-first): one change at a time, then the strongest change of each kind together.
+first): one change at a time, then the strongest change of each kind together. The strongest
+candidates are compiled first, so that a program nothing makes fit is refused after one or two
+compiles rather than after all of them.
 """
 
 from __future__ import annotations
@@ -182,8 +184,9 @@ def _fit_search(name: str, config: ml_collections.ConfigDict, target: targets.Ta
   floor = _floor(name, config, target, spatial_rank)
   if floor and all(fits(changes, candidate) is None for changes, candidate in floor):
     strongest = ', '.join(' '.join(_flag(c) for c in changes) for changes, _ in floor)
-    return (f'{head}; it does not fit even with {strongest}: raise the limit, use a larger '
-            'chip or a smaller config.data.crop_size')
+    raise_limit = 'raise --memory_limit_gib, ' if 'memory_limit_gib' in allowed else ''
+    return (f'{head}; it does not fit even with {strongest}: {raise_limit}use a larger chip '
+            'or a smaller config.data.crop_size')
   tried = []
   for changes, candidate in _candidates(name, config, target, spatial_rank):
     flags = ' '.join(_flag(c) for c in changes)

@@ -159,6 +159,21 @@ def thread_count() -> int:
   return len(os.sched_getaffinity(0))
 
 
+def keep_awake_ms() -> float:
+  """How long after each call the extension keeps the team's CPUs busy at the lowest priority
+  (conv.cc, KeepAwake): $UNET_JAX_ONEDNN_KEEP_AWAKE_MS, else 1 ms; 0 turns it off.
+
+  1 ms spans the gaps between the calls of a pass (XLA's own work between two convolutions)
+  and ends soon after the pass; 2 and 5 ms were no better and cost the training step more.
+  """
+  value = os.environ.get('UNET_JAX_ONEDNN_KEEP_AWAKE_MS', '1')
+  try:
+    return max(float(value), 0.0)
+  except ValueError:
+    raise ValueError(f'UNET_JAX_ONEDNN_KEEP_AWAKE_MS={value!r}: expected milliseconds, e.g. 1 '
+                     'or 0 (off)') from None
+
+
 @functools.cache
 def load() -> bool:
   """Builds (once per cache) and loads the extension and registers its FFI targets for CPU.
@@ -175,6 +190,7 @@ def load() -> bool:
     _log.warning('oneDNN convolutions unavailable, using the XLA path: %s', error)
     return False
   library.unet_jax_onednn_set_threads(ctypes.c_int(thread_count()))
+  library.unet_jax_onednn_keep_awake(ctypes.c_double(keep_awake_ms()))
   for target, symbol in TARGETS.items():
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)),
                                 platform='cpu')

@@ -17,6 +17,15 @@
 // after the other. The OpenMP team has the process's thread count (set once from Python
 // through unet_jax_onednn_set_threads).
 //
+// Why the CPUs are kept awake for a moment after each call (KeepAwake): XLA calls in from both
+// threads of its pool, libgomp gives each calling thread an OpenMP team of its own, and with
+// more OpenMP threads than CPUs it cuts its spin-wait to ~100 turns. A team's second thread
+// therefore sleeps between calls, and after an idle pause a 2-vCPU VM takes about 30 ms of
+// calls to wake it promptly again: the first calls of a pass ran at one thread's speed (the
+// width-16 forward pass lost 30 ms of 72). Spinners at SCHED_IDLE, which any other thread
+// preempts at once, keep the CPUs busy for KeepAwake's window after each call, so the team's
+// second thread wakes on a running CPU.
+//
 // Primitives are created once per geometry (10–160 ms each) and kept for the process's life.
 //
 // Why every primitive takes its scratchpad from us (scratchpad_mode::user): with oneDNN's own
@@ -26,7 +35,12 @@
 // request, serves them all.
 
 #include <omp.h>
+#include <pthread.h>
+#include <sched.h>
 
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -34,6 +48,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <thread>
 #include <unordered_map>
 #include <vector>
 
@@ -146,8 +161,54 @@ struct Epilogue {
 };
 using EpilogueCache = std::map<std::vector<int64_t>, std::unique_ptr<Epilogue>>;
 
+// Threads that spin at SCHED_IDLE until `window_us` after the last Touch(), then sleep until
+// the next. A spinner whose scheduling policy cannot be set exits instead: at normal priority
+// it would take CPU time from the work.
+class KeepAwake {
+ public:
+  KeepAwake(int spinners, int64_t window_us) : window_us_(window_us) {
+    for (int i = 0; i < spinners; ++i) std::thread([this] { Spin(); }).detach();
+  }
+
+  void Touch() {
+    deadline_us_.store(NowUs() + window_us_, std::memory_order_relaxed);
+    if (sleeping_.load(std::memory_order_relaxed) > 0) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      wake_.notify_all();
+    }
+  }
+
+ private:
+  static int64_t NowUs() {
+    return std::chrono::duration_cast<std::chrono::microseconds>(
+               std::chrono::steady_clock::now().time_since_epoch())
+        .count();
+  }
+  bool Due() const { return NowUs() < deadline_us_.load(std::memory_order_relaxed); }
+
+  void Spin() {
+    pthread_setname_np(pthread_self(), "onednn-awake");
+    sched_param param{};
+    if (pthread_setschedparam(pthread_self(), SCHED_IDLE, &param) != 0) return;
+    for (;;) {
+      while (Due()) __builtin_ia32_pause();
+      std::unique_lock<std::mutex> lock(mutex_);
+      sleeping_.fetch_add(1);
+      wake_.wait(lock, [this] { return Due(); });
+      sleeping_.fetch_sub(1);
+    }
+  }
+
+  const int64_t window_us_;
+  std::atomic<int64_t> deadline_us_{0};
+  std::atomic<int> sleeping_{0};
+  std::mutex mutex_;
+  std::condition_variable wake_;
+};
+
 struct State {
   std::mutex mutex;
+  KeepAwake* awake = nullptr;  // never destroyed, like the state; none until set
   dnnl::engine engine{dnnl::engine::kind::cpu, 0};
   dnnl::stream stream{engine};
   Cache<Convolution> convolutions;
@@ -288,9 +349,11 @@ ffi::Error Guarded(Body body) {
   State& state = GetState();
   std::lock_guard<std::mutex> lock(state.mutex);
   if (state.threads > 0) omp_set_num_threads(state.threads);
+  if (state.awake) state.awake->Touch();
   try {
     body(state);
     state.stream.wait();
+    if (state.awake) state.awake->Touch();
   } catch (const dnnl::error& e) {
     return ffi::Error(ffi::ErrorCode::kInternal, std::string("oneDNN: ") + e.what());
   }
@@ -441,4 +504,14 @@ extern "C" void unet_jax_onednn_set_threads(int threads) {
   State& state = GetState();
   std::lock_guard<std::mutex> lock(state.mutex);
   state.threads = threads;
+}
+
+// From Python, after unet_jax_onednn_set_threads: one spinner per thread of the team, keeping
+// the CPUs awake `window_ms` after each call (KeepAwake); 0 or a team of one thread: none.
+// Once only: later calls change nothing.
+extern "C" void unet_jax_onednn_keep_awake(double window_ms) {
+  State& state = GetState();
+  std::lock_guard<std::mutex> lock(state.mutex);
+  if (state.awake || window_ms <= 0 || state.threads < 2) return;
+  state.awake = new KeepAwake(state.threads, static_cast<int64_t>(window_ms * 1000));
 }
