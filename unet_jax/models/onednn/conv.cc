@@ -170,9 +170,11 @@ class KeepAwake {
     for (int i = 0; i < spinners; ++i) std::thread([this] { Spin(); }).detach();
   }
 
+  // Sequentially consistent: either this call sees a spinner about to sleep and wakes it, or
+  // that spinner sees the new deadline and does not sleep.
   void Touch() {
-    deadline_us_.store(NowUs() + window_us_, std::memory_order_relaxed);
-    if (sleeping_.load(std::memory_order_relaxed) > 0) {
+    deadline_us_.store(NowUs() + window_us_);
+    if (sleeping_.load() > 0) {
       std::lock_guard<std::mutex> lock(mutex_);
       wake_.notify_all();
     }
@@ -184,7 +186,7 @@ class KeepAwake {
                std::chrono::steady_clock::now().time_since_epoch())
         .count();
   }
-  bool Due() const { return NowUs() < deadline_us_.load(std::memory_order_relaxed); }
+  bool Due() const { return NowUs() < deadline_us_.load(); }
 
   void Spin() {
     pthread_setname_np(pthread_self(), "onednn-awake");
