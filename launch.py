@@ -128,6 +128,11 @@ def _drop_closed_event_loop_reports() -> None:
   sys.unraisablehook = hook
 
 
+PLUGIN_ERROR = 'Jax plugin configuration error'
+# The logger of jax._src.xla_bridge, which starts the plugins.
+PLUGIN_LOGGER = 'jax._src.xla_bridge'
+
+
 class _PluginErrorInOneLine(logging.Filter):
   """A JAX plugin that fails to start is logged with two chained tracebacks: on a machine
   without a GPU, the CUDA plugin of requirements-aot.txt (there to compile for GPUs) finds no
@@ -139,11 +144,6 @@ class _PluginErrorInOneLine(logging.Filter):
       message = f'{record.getMessage()}: {record.exc_info[1]}'
       record.msg, record.args, record.exc_info, record.exc_text = message, (), None, None
     return True
-
-
-PLUGIN_ERROR = 'Jax plugin configuration error'
-# The logger of jax._src.xla_bridge, which starts the plugins.
-PLUGIN_LOGGER = 'jax._src.xla_bridge'
 
 
 def _fail(message: str, status: int) -> None:

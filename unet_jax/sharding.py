@@ -124,25 +124,25 @@ def wait_for_all_processes(name: str, *, timeout_s: float = 1800.0) -> None:
 
 
 def compile_then_wait(jitted: Callable, name: str) -> Callable:
-  """`jitted`, compiled ahead of time for each new signature of its arguments (their tree,
-  shapes, dtypes and shardings) when there is more than one process.
+  """`jitted`, whose first call, with more than one process, compiles ahead of time, waits for
+  every process to finish compiling (`wait_for_all_processes`) and only then runs.
 
-  After each compile every process waits for the others (`wait_for_all_processes`) and only
-  then runs, so compile times that differ between processes (a compilation cache hit on one of
-  them) never count against the deadline of the first collective of a device group: the train
-  step's, and in `--mode=eval` the eval step's.
+  Compile times that differ between processes (a compilation cache hit on one of them) then
+  never count against the deadline of the device group's first collective: the train step's,
+  or in `--mode=eval` the eval step's. Later calls, new argument shapes included, go straight
+  to `jitted` (its cache holds the first compile): once the group has met, a process that is
+  late at a collective is waited for.
   """
   if jax.process_count() == 1:
     return jitted
-  compiled = {}
+  waited = False
 
   def call(*args):
-    leaves, tree = jax.tree.flatten(args)
-    signature = (tree, tuple((x.shape, x.dtype, x.sharding) for x in leaves))
-    program = compiled.get(signature)
-    if program is None:
-      program = compiled[signature] = jitted.lower(*args).compile()
+    nonlocal waited
+    if not waited:
+      jitted.lower(*args).compile()
       wait_for_all_processes(name)
-    return program(*args)
+      waited = True
+    return jitted(*args)
 
   return call

@@ -100,47 +100,56 @@ def _valid(config: ml_collections.ConfigDict, target: targets.Target, spatial_ra
   return True
 
 
-def _strongest(name: str, config: ml_collections.ConfigDict, target: targets.Target,
-               spatial_rank: int) -> list[Change]:
-  """The strongest valid change of each kind of CHANGES[name] (in that order)."""
-  strongest = []
-  for kind in CHANGES[name]:
-    valid = [change for change in kind(config, target)
-             if _valid(overrides.apply_overrides(config, dict([change])), target, spatial_rank)]
-    if valid:
-      strongest.append(valid[-1])
-  return strongest
+Candidate = tuple[list[Change], ml_collections.ConfigDict]
 
 
-def _candidates(name: str, config: ml_collections.ConfigDict, target: targets.Target,
-                spatial_rank: int) -> Iterator[tuple[list[Change], ml_collections.ConfigDict]]:
-  """Valid changed configs: one change at a time, then the strongest change of each kind
-  together, one kind more each time."""
+def _singles(name: str, config: ml_collections.ConfigDict, target: targets.Target,
+             spatial_rank: int) -> list[list[Candidate]]:
+  """Per kind of CHANGES[name] that has any, its valid changes alone, weakest first."""
+  kinds = []
   for kind in CHANGES[name]:
+    valid = []
     for change in kind(config, target):
       candidate = overrides.apply_overrides(config, dict([change]))
       if _valid(candidate, target, spatial_rank):
-        yield [change], candidate
-  strongest = _strongest(name, config, target, spatial_rank)
+        valid.append(([change], candidate))
+    if valid:
+      kinds.append(valid)
+  return kinds
+
+
+def _combinations(kinds: list[list[Candidate]], config: ml_collections.ConfigDict,
+                  target: targets.Target, spatial_rank: int) -> list[Candidate]:
+  """The strongest change of each kind together, one kind more each time, where valid."""
+  strongest = [valid[-1][0][0] for valid in kinds]
+  combinations = []
   for count in range(2, len(strongest) + 1):
     candidate = overrides.apply_overrides(config, dict(strongest[:count]))
     if _valid(candidate, target, spatial_rank):
-      yield strongest[:count], candidate
+      combinations.append((strongest[:count], candidate))
+  return combinations
 
 
-def _floor(name: str, config: ml_collections.ConfigDict, target: targets.Target,
-           spatial_rank: int) -> list[tuple[list[Change], ml_collections.ConfigDict]]:
-  """The candidates every other candidate of `_candidates` needs at least as much memory as:
-  the longest valid combination of the strongest changes, and the strongest change of each
-  kind after it."""
-  strongest = _strongest(name, config, target, spatial_rank)
-  for count in range(len(strongest), 0, -1):
-    candidate = overrides.apply_overrides(config, dict(strongest[:count]))
-    if _valid(candidate, target, spatial_rank):
-      return [(strongest[:count], candidate)] + [
-          ([change], overrides.apply_overrides(config, dict([change])))
-          for change in strongest[count:]]
-  return []
+def _in_order(kinds: list[list[Candidate]], combinations: list[Candidate]) -> list[Candidate]:
+  """Cheapest to the run first: one change at a time, then the combinations."""
+  return [candidate for valid in kinds for candidate in valid] + combinations
+
+
+def _candidates(name: str, config: ml_collections.ConfigDict, target: targets.Target,
+                spatial_rank: int) -> list[Candidate]:
+  """Valid changed configs in the order the search compiles them: one change at a time, then
+  the strongest change of each kind together, one kind more each time."""
+  kinds = _singles(name, config, target, spatial_rank)
+  return _in_order(kinds, _combinations(kinds, config, target, spatial_rank))
+
+
+def _floor(kinds: list[list[Candidate]], combinations: list[Candidate]) -> list[Candidate]:
+  """The candidates every other one needs at least as much memory as: the longest valid
+  combination of the strongest changes, and the strongest change of each kind after it."""
+  if not kinds:
+    return []
+  longest = combinations[-1] if combinations else kinds[0][-1]
+  return [longest] + [valid[-1] for valid in kinds[len(longest[0]):]]
 
 
 def _compile_within(name: str, config: ml_collections.ConfigDict, setup: Any,
@@ -181,14 +190,16 @@ def _fit_search(name: str, config: ml_collections.ConfigDict, target: targets.Ta
   # change, and the strongest change of each kind it leaves out. Each change only lowers the
   # memory, so every other candidate needs at least as much as one of these; when none of them
   # fits, the search ends here, after a compile or two instead of a dozen or more.
-  floor = _floor(name, config, target, spatial_rank)
+  kinds = _singles(name, config, target, spatial_rank)
+  combinations = _combinations(kinds, config, target, spatial_rank)
+  floor = _floor(kinds, combinations)
   if floor and all(fits(changes, candidate) is None for changes, candidate in floor):
     strongest = ', '.join(' '.join(_flag(c) for c in changes) for changes, _ in floor)
     raise_limit = 'raise --memory_limit_gib, ' if 'memory_limit_gib' in allowed else ''
     return (f'{head}; it does not fit even with {strongest}: {raise_limit}use a larger chip '
             'or a smaller config.data.crop_size')
   tried = []
-  for changes, candidate in _candidates(name, config, target, spatial_rank):
+  for changes, candidate in _in_order(kinds, combinations):
     flags = ' '.join(_flag(c) for c in changes)
     tried.append(flags)
     fitted = fits(changes, candidate)
